@@ -1,0 +1,275 @@
+"""The three Dask patterns every diffdask graph is built from, and the only hand-built graphs.
+
+- `map_frames`: a kernel per chunk of frames → per-frame outputs (one read of each chunk
+  feeds every output of the kernel, so several reductions share one pass over the data);
+- `reduce_frames`: a kernel per chunk → partial results → a tree reduction in a fixed order;
+- `pair_blocks`: a kernel per (block i, block j) → a blocked 2-D matrix, with only the i ≤ j
+  tiles computed when the matrix is symmetric.
+
+Kernels are plain functions of NumPy/CuPy blocks that return a dict of arrays, one per
+declared output. Keyword arguments (masks, weight matrices) are stored once in the graph,
+not once per task, so a detector-sized operator costs one transfer per worker.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+from dask.utils import apply
+
+from diffdask.errors import ParameterError
+
+#: An output declaration: (shape after the leading axis/axes, dtype).
+OutputSpec = tuple[tuple[int, ...], Any]
+Kernel = Callable[..., Mapping[str, Any]]
+
+
+def _frame_blocks(frames: da.Array) -> da.Array:
+    if not isinstance(frames, da.Array):
+        raise ParameterError(f"expected a dask array of frames, got {type(frames).__name__}.")
+    if frames.ndim < 1:
+        raise ParameterError("a frame array needs a leading frame axis.")
+    return frames.rechunk({i: -1 for i in range(1, frames.ndim)})
+
+
+def _check_outputs(outputs: Mapping[str, OutputSpec]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    if not outputs:
+        raise ParameterError("declare at least one output: {name: (tail_shape, dtype)}.")
+    return {name: (tuple(int(s) for s in shape), np.dtype(dtype)) for name, (shape, dtype) in outputs.items()}
+
+
+def _meta(like: da.Array, ndim: int, dtype: np.dtype) -> Any:
+    return da.utils.meta_from_array(like._meta, ndim=ndim, dtype=dtype)
+
+
+def _checked_call(kernel: Kernel, names: Sequence[str], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    result = kernel(*args, **kwargs)
+    missing = [n for n in names if n not in result]
+    if missing:
+        raise ParameterError(
+            f"kernel {getattr(kernel, '__name__', kernel)!r} did not return outputs {missing}; "
+            f"it returned {sorted(result)}."
+        )
+    return result
+
+
+def map_frames(
+    kernel: Kernel,
+    frames: da.Array,
+    outputs: Mapping[str, OutputSpec],
+    kwargs: Mapping[str, Any] | None = None,
+    name: str | None = None,
+) -> dict[str, da.Array]:
+    """Apply ``kernel`` to each chunk of frames; return lazy per-frame outputs.
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(block, **kwargs) -> {name: array of shape (n,) + tail}`` for a block of ``n``
+        frames.
+    frames : dask.array.Array, shape (n_frames, ...)
+        Chunked along the first axis (other axes are merged into one chunk).
+    outputs : mapping
+        ``{name: (tail_shape, dtype)}`` for each array the kernel returns.
+    kwargs : mapping, optional
+        Keyword arguments of the kernel, stored once in the graph.
+    name : str, optional
+        Prefix of the task names (shown on the dashboard).
+
+    Returns
+    -------
+    dict of str to dask.array.Array
+        One array per output, shape ``(n_frames,) + tail``, chunked like ``frames``. Computing
+        several of them together reads each chunk once.
+    """
+    frames = _frame_blocks(frames)
+    specs = _check_outputs(outputs)
+    kwargs = dict(kwargs or {})
+    prefix = name or getattr(kernel, "__name__", "kernel")
+    token = tokenize(kernel, frames, specs, kwargs)
+    kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
+    inner = (0,) * (frames.ndim - 1)
+    names = list(specs)
+    layer: dict[Any, Any] = {kwname: kwargs}
+    for i in range(frames.numblocks[0]):
+        layer[(kname, i)] = (apply, _checked_call, [kernel, names, (frames.name, i) + inner], kwname)
+    graph = HighLevelGraph.from_collections(kname, layer, dependencies=[frames])
+    result = {}
+    for out, (tail, dtype) in specs.items():
+        oname = f"{prefix}-{out}-{token}"
+        zeros = (0,) * len(tail)
+        olayer = {(oname, i) + zeros: (operator.getitem, (kname, i), out) for i in range(frames.numblocks[0])}
+        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {kname}}))
+        chunks = (frames.chunks[0],) + tuple((s,) for s in tail)
+        result[out] = da.Array(g, oname, chunks, meta=_meta(frames, 1 + len(tail), dtype))
+    return result
+
+
+def _sum_partials(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    total = {k: v.copy() if hasattr(v, "copy") else v for k, v in parts[0].items()}
+    for p in parts[1:]:
+        for k, v in p.items():
+            total[k] = total[k] + v
+    return total
+
+
+def reduce_frames(
+    kernel: Kernel,
+    frames: da.Array,
+    outputs: Mapping[str, OutputSpec],
+    kwargs: Mapping[str, Any] | None = None,
+    combine: Callable[[Sequence[Mapping[str, Any]]], Mapping[str, Any]] | None = None,
+    split_every: int = 8,
+    name: str | None = None,
+) -> dict[str, da.Array]:
+    """Reduce over all frames: kernel per chunk, then a tree of ``combine`` in chunk order.
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(block, **kwargs) -> {name: partial array of shape tail}``.
+    frames : dask.array.Array
+        Chunked along the first axis.
+    outputs : mapping
+        ``{name: (shape, dtype)}`` of the reduced results.
+    kwargs : mapping, optional
+        Keyword arguments of the kernel, stored once in the graph.
+    combine : callable, optional
+        Merges a list of partial dicts into one; element-wise sum by default. It must be
+        associative; partials are always combined in chunk order, so a given chunking gives
+        the same bytes on any number of workers.
+    split_every : int
+        Fan-in of the tree (≥ 2).
+    name : str, optional
+        Prefix of the task names.
+
+    Returns
+    -------
+    dict of str to dask.array.Array
+        One single-chunk array per output.
+    """
+    if int(split_every) < 2:
+        raise ParameterError(f"split_every must be ≥ 2, got {split_every}.")
+    frames = _frame_blocks(frames)
+    specs = _check_outputs(outputs)
+    kwargs = dict(kwargs or {})
+    combine = combine or _sum_partials
+    prefix = name or getattr(kernel, "__name__", "reduce")
+    token = tokenize(kernel, frames, specs, kwargs, combine, split_every)
+    kwname = f"{prefix}-kwargs-{token}"
+    inner = (0,) * (frames.ndim - 1)
+    names = list(specs)
+    level_name = f"{prefix}-partial0-{token}"
+    layer: dict[Any, Any] = {kwname: kwargs}
+    keys = []
+    for i in range(frames.numblocks[0]):
+        layer[(level_name, i)] = (apply, _checked_call, [kernel, names, (frames.name, i) + inner], kwname)
+        keys.append((level_name, i))
+    depth = 0
+    while len(keys) > 1:
+        depth += 1
+        level_name = f"{prefix}-partial{depth}-{token}"
+        groups = [keys[j : j + split_every] for j in range(0, len(keys), split_every)]
+        keys = []
+        for j, group in enumerate(groups):
+            layer[(level_name, j)] = (combine, list(group))
+            keys.append((level_name, j))
+    final = keys[0]
+    graph = HighLevelGraph.from_collections(f"{prefix}-{token}", layer, dependencies=[frames])
+    result = {}
+    for out, (shape, dtype) in specs.items():
+        oname = f"{prefix}-{out}-{token}"
+        olayer = {(oname,) + (0,) * len(shape): (operator.getitem, final, out)}
+        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {f"{prefix}-{token}"}}))
+        chunks = tuple((s,) for s in shape)
+        result[out] = da.Array(g, oname, chunks, meta=_meta(frames, len(shape), dtype))
+    return result
+
+
+def _swap_leading(x: Any) -> Any:
+    return x.swapaxes(0, 1)
+
+
+def pair_blocks(
+    kernel: Callable[..., Mapping[str, Any]],
+    a: da.Array,
+    outputs: Mapping[str, OutputSpec],
+    b: da.Array | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    mirror: Mapping[str, Callable[[Any], Any]] | None = None,
+    name: str | None = None,
+) -> dict[str, da.Array]:
+    """A blocked matrix from a kernel over pairs of blocks of ``a`` (and ``b``).
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(block_i, block_j, **kwargs) -> {name: array of shape (n_i, n_j) + tail}``.
+    a : dask.array.Array, shape (M, ...)
+        Items along the first axis, chunked along it.
+    outputs : mapping
+        ``{name: (tail_shape, dtype)}`` of each tile output.
+    b : dask.array.Array, optional
+        Second operand, shape (N, ...). When omitted the matrix is of ``a`` with itself and
+        is taken as symmetric: only tiles with i ≤ j run; a tile j < i is ``mirror`` of
+        tile (j, i) — by default its two leading axes swapped.
+    kwargs : mapping, optional
+        Keyword arguments of the kernel, stored once in the graph.
+    mirror : mapping of str to callable, optional
+        Per output, how tile (i, j) becomes tile (j, i) (e.g. also swap an angle pair).
+    name : str, optional
+        Prefix of the task names.
+
+    Returns
+    -------
+    dict of str to dask.array.Array
+        One array per output, shape ``(M, N) + tail``, chunked ``(a.chunks[0], b.chunks[0])``.
+    """
+    symmetric = b is None
+    a = _frame_blocks(a)
+    b = a if symmetric else _frame_blocks(b)
+    specs = _check_outputs(outputs)
+    kwargs = dict(kwargs or {})
+    mirror = dict(mirror or {})
+    unknown = set(mirror) - set(specs)
+    if unknown:
+        raise ParameterError(f"mirror names outputs {sorted(unknown)} that are not declared.")
+    prefix = name or getattr(kernel, "__name__", "pairs")
+    token = tokenize(kernel, a, b, specs, kwargs, symmetric, mirror)
+    kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
+    ia, ib = (0,) * (a.ndim - 1), (0,) * (b.ndim - 1)
+    names = list(specs)
+    layer: dict[Any, Any] = {kwname: kwargs}
+    nb_a, nb_b = a.numblocks[0], b.numblocks[0]
+    for i in range(nb_a):
+        for j in range(i if symmetric else 0, nb_b):
+            layer[(kname, i, j)] = (
+                apply,
+                _checked_call,
+                [kernel, names, (a.name, i) + ia, (b.name, j) + ib],
+                kwname,
+            )
+    deps = [a] if symmetric else [a, b]
+    graph = HighLevelGraph.from_collections(kname, layer, dependencies=deps)
+    result = {}
+    for out, (tail, dtype) in specs.items():
+        oname = f"{prefix}-{out}-{token}"
+        flip = mirror.get(out, _swap_leading)
+        zeros = (0,) * len(tail)
+        olayer: dict[Any, Any] = {}
+        for i in range(nb_a):
+            for j in range(nb_b):
+                if symmetric and j < i:
+                    olayer[(oname, i, j) + zeros] = (flip, (operator.getitem, (kname, j, i), out))
+                else:
+                    olayer[(oname, i, j) + zeros] = (operator.getitem, (kname, i, j), out)
+        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {kname}}))
+        chunks = (a.chunks[0], b.chunks[0]) + tuple((s,) for s in tail)
+        result[out] = da.Array(g, oname, chunks, meta=_meta(a, 2 + len(tail), dtype))
+    return result

@@ -1,0 +1,345 @@
+"""Detector geometry: pixel radii, scattering angles, q, solid angles and polar grids.
+
+Conventions (kept everywhere in diffdask):
+
+- pixel centres sit at integer indices; ``(i, j)`` is (row, column) = (y, x);
+- the detector is flat and normal to the beam, which travels along +z;
+- ``beam_center_yx`` is where the direct beam meets the detector, in pixel-index units;
+- q = 4π sinθ / λ in nm⁻¹, with 2θ the scattering angle;
+- angles are radians; the azimuth φ = atan2(y − cy, x − cx) runs from +x towards +y.
+
+This is the only module that computes these maps; everything else asks a `Geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from diffdask.errors import GeometryError, ParameterError
+
+#: Dataset attribute names that hold a geometry (all lengths in metres, centre in pixels).
+GEOMETRY_ATTRS = ("wavelength_m", "distance_m", "pixel_size_m", "beam_center_yx")
+
+_POLARIZATIONS = ("x", "y", "none")
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _positive(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise GeometryError(f"{name} must be a number in metres, got {value!r}.") from None
+    if not math.isfinite(v) or v <= 0:
+        raise GeometryError(f"{name} must be a positive, finite length in metres, got {value!r}.")
+    return v
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Flat-detector geometry of a diffraction experiment.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Detector shape ``(ny, nx)`` in pixels.
+    pixel_size_m : float or tuple of float
+        Pixel pitch in metres; a pair gives ``(y, x)`` pitches of non-square pixels.
+    distance_m : float
+        Sample-to-detector distance in metres.
+    wavelength_m : float
+        X-ray wavelength in metres (1 Å = 1e-10 m).
+    beam_center_yx : tuple of float, optional
+        Direct-beam position in pixel-index units ``(row, column)``. Defaults to the array
+        centre ``((ny - 1) / 2, (nx - 1) / 2)``. It must lie on the detector (within half a
+        pixel of its edge pixels).
+
+    Raises
+    ------
+    GeometryError
+        For non-positive or non-finite lengths, a bad shape, or a beam centre off the detector.
+
+    Examples
+    --------
+    >>> g = Geometry((128, 128), pixel_size_m=75e-6, distance_m=0.2, wavelength_m=1e-10)
+    >>> float(g.q_inv_nm[64, 127]) > 0
+    True
+    """
+
+    shape: tuple[int, int]
+    pixel_size_m: float | tuple[float, float]
+    distance_m: float
+    wavelength_m: float
+    beam_center_yx: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            shape = tuple(int(n) for n in self.shape)
+        except (TypeError, ValueError):
+            raise GeometryError(f"shape must be (ny, nx) integers, got {self.shape!r}.") from None
+        if len(shape) != 2 or min(shape) < 1:
+            raise GeometryError(f"shape must be two positive integers (ny, nx), got {self.shape!r}.")
+        ps = self.pixel_size_m
+        if np.ndim(ps) == 0:
+            pixel = _positive("pixel_size_m", ps)
+        else:
+            pair = tuple(np.asarray(ps, dtype=float).ravel())
+            if len(pair) != 2:
+                raise GeometryError(f"pixel_size_m must be one pitch or a (y, x) pair, got {ps!r}.")
+            pixel = (_positive("pixel_size_m[y]", pair[0]), _positive("pixel_size_m[x]", pair[1]))
+            if pixel[0] == pixel[1]:
+                pixel = pixel[0]
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "pixel_size_m", pixel)
+        object.__setattr__(self, "distance_m", _positive("distance_m", self.distance_m))
+        object.__setattr__(self, "wavelength_m", _positive("wavelength_m", self.wavelength_m))
+        if self.beam_center_yx is None:
+            center = ((shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0)
+        else:
+            try:
+                center = tuple(float(c) for c in self.beam_center_yx)
+            except (TypeError, ValueError):
+                raise GeometryError(
+                    f"beam_center_yx must be (row, column) in pixels, got {self.beam_center_yx!r}."
+                ) from None
+            if len(center) != 2 or not all(math.isfinite(c) for c in center):
+                raise GeometryError(
+                    f"beam_center_yx must be two finite numbers (row, column), got {self.beam_center_yx!r}."
+                )
+        for axis, (c, n) in enumerate(zip(center, shape)):
+            if not -0.5 <= c <= n - 0.5:
+                raise GeometryError(
+                    f"beam centre {center} lies outside the {shape[0]}×{shape[1]} detector "
+                    f"({'row' if axis == 0 else 'column'} must be in [-0.5, {n - 0.5}]). "
+                    "Give beam_center_yx in pixel-index units (row, column), not in metres."
+                )
+        object.__setattr__(self, "beam_center_yx", center)
+
+    # The cached maps can be large (detector-sized float64); never ship them in a Dask graph.
+    def __getstate__(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+    # ------------------------------------------------------------------ attrs round trip
+    def to_attrs(self) -> dict[str, Any]:
+        """Geometry as JSON-serialisable Dataset attributes (lengths in metres)."""
+        ps = self.pixel_size_m
+        return {
+            "wavelength_m": self.wavelength_m,
+            "distance_m": self.distance_m,
+            "pixel_size_m": list(ps) if isinstance(ps, tuple) else ps,
+            "beam_center_yx": list(self.beam_center_yx),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], shape: tuple[int, int]) -> Geometry | None:
+        """Rebuild a geometry from Dataset attributes, or None if the attrs hold none.
+
+        Raises
+        ------
+        GeometryError
+            If some but not all geometry attributes are present, or their values are invalid.
+        """
+        present = [k for k in ("wavelength_m", "distance_m", "pixel_size_m") if k in attrs]
+        if not present:
+            return None
+        missing = [k for k in ("wavelength_m", "distance_m", "pixel_size_m") if k not in attrs]
+        if missing:
+            raise GeometryError(
+                f"the dataset attrs hold part of a geometry ({', '.join(present)}) but not "
+                f"{', '.join(missing)}; set all of them (e.g. ds.attrs.update(Geometry(...).to_attrs()))."
+            )
+        return cls(
+            shape=shape,
+            pixel_size_m=attrs["pixel_size_m"],
+            distance_m=attrs["distance_m"],
+            wavelength_m=attrs["wavelength_m"],
+            beam_center_yx=attrs.get("beam_center_yx"),
+        )
+
+    def with_beam_center(self, beam_center_yx: tuple[float, float]) -> Geometry:
+        """A copy of this geometry with another beam centre (pixels)."""
+        return Geometry(self.shape, self.pixel_size_m, self.distance_m, self.wavelength_m, beam_center_yx)
+
+    # ------------------------------------------------------------------ scalar conversions
+    @property
+    def pixel_size_yx_m(self) -> tuple[float, float]:
+        """Pixel pitch ``(y, x)`` in metres."""
+        ps = self.pixel_size_m
+        return ps if isinstance(ps, tuple) else (ps, ps)
+
+    @property
+    def _square_pixel_m(self) -> float:
+        py, px = self.pixel_size_yx_m
+        if py != px:
+            raise GeometryError(
+                "radius-to-q conversions need square pixels; this geometry has "
+                f"(y, x) pitches {self.pixel_size_yx_m} m. Use the per-pixel maps instead."
+            )
+        return py
+
+    def two_theta_of_radius_px(self, r_px: Any) -> np.ndarray:
+        """Scattering angle 2θ (radians) at a distance ``r_px`` pixels from the beam centre."""
+        return np.arctan(np.asarray(r_px, dtype=float) * self._square_pixel_m / self.distance_m)
+
+    def q_of_radius_px(self, r_px: Any) -> np.ndarray:
+        """Momentum transfer q = 4π sinθ/λ (nm⁻¹) at ``r_px`` pixels from the beam centre."""
+        theta = self.two_theta_of_radius_px(r_px) / 2.0
+        return 4.0 * np.pi * np.sin(theta) / (self.wavelength_m * 1e9)
+
+    def radius_px_of_q(self, q_inv_nm: Any) -> np.ndarray:
+        """Inverse of `q_of_radius_px`: radius in pixels where q (nm⁻¹) falls.
+
+        Raises
+        ------
+        ParameterError
+            If some q exceeds 4π/λ (backscattering), which no pixel can reach.
+        """
+        q = np.asarray(q_inv_nm, dtype=float)
+        sin_theta = q * self.wavelength_m * 1e9 / (4.0 * np.pi)
+        if np.any(np.abs(sin_theta) >= 1):
+            raise ParameterError(
+                f"q up to {float(np.max(q)):.4g} nm⁻¹ is beyond 4π/λ = "
+                f"{4 * np.pi / (self.wavelength_m * 1e9):.4g} nm⁻¹ for this wavelength."
+            )
+        return np.tan(2.0 * np.arcsin(sin_theta)) * self.distance_m / self._square_pixel_m
+
+    # ------------------------------------------------------------------ per-pixel maps
+    @cached_property
+    def _offsets_m(self) -> tuple[np.ndarray, np.ndarray]:
+        cy, cx = self.beam_center_yx
+        py, px = self.pixel_size_yx_m
+        y = (np.arange(self.shape[0], dtype=float) - cy) * py
+        x = (np.arange(self.shape[1], dtype=float) - cx) * px
+        return y[:, None], x[None, :]
+
+    @cached_property
+    def radius_px(self) -> np.ndarray:
+        """Distance of each pixel centre from the beam centre, in pixels, shape ``(ny, nx)``."""
+        cy, cx = self.beam_center_yx
+        i = np.arange(self.shape[0], dtype=float)[:, None] - cy
+        j = np.arange(self.shape[1], dtype=float)[None, :] - cx
+        return _readonly(np.hypot(i, j))
+
+    @cached_property
+    def radius_m(self) -> np.ndarray:
+        """Distance of each pixel centre from the beam centre on the detector, in metres."""
+        y, x = self._offsets_m
+        return _readonly(np.hypot(y, x))
+
+    @cached_property
+    def azimuth_rad(self) -> np.ndarray:
+        """Azimuth φ = atan2(y − cy, x − cx) of each pixel, radians in (−π, π]."""
+        y, x = self._offsets_m
+        return _readonly(np.arctan2(np.broadcast_to(y, self.shape), np.broadcast_to(x, self.shape)))
+
+    @cached_property
+    def two_theta_rad(self) -> np.ndarray:
+        """Scattering angle 2θ of each pixel, radians."""
+        return _readonly(np.arctan2(self.radius_m, self.distance_m))
+
+    @cached_property
+    def q_inv_nm(self) -> np.ndarray:
+        """Momentum transfer q = 4π sinθ/λ of each pixel, nm⁻¹."""
+        return _readonly(4.0 * np.pi * np.sin(self.two_theta_rad / 2.0) / (self.wavelength_m * 1e9))
+
+    @cached_property
+    def unit_vectors(self) -> np.ndarray:
+        """Unit vector û from the sample to each pixel centre, shape ``(3, ny, nx)`` as (x, y, z)."""
+        y, x = self._offsets_m
+        y, x = np.broadcast_to(y, self.shape), np.broadcast_to(x, self.shape)
+        z = np.full(self.shape, self.distance_m)
+        norm = np.sqrt(x * x + y * y + z * z)
+        return _readonly(np.stack([x / norm, y / norm, z / norm]))
+
+    @cached_property
+    def scattering_vectors_inv_nm(self) -> np.ndarray:
+        """Scattering vector s = (û − ẑ)/λ of each pixel, nm⁻¹, shape ``(3, ny, nx)`` as (x, y, z).
+
+        |s| = 2 sinθ/λ, so q = 2π|s|.
+        """
+        s = self.unit_vectors.copy()
+        s[2] -= 1.0
+        return _readonly(s / (self.wavelength_m * 1e9))
+
+    @cached_property
+    def solid_angle_sr(self) -> np.ndarray:
+        """Solid angle ΔΩ subtended by each pixel, steradians (flat pixel, normal to the beam)."""
+        py, px = self.pixel_size_yx_m
+        cos2t = np.cos(self.two_theta_rad)
+        return _readonly(py * px * cos2t**3 / self.distance_m**2)
+
+    def polarization_factor(self, polarization: str = "x") -> np.ndarray:
+        """Thomson polarisation factor P of each pixel.
+
+        Parameters
+        ----------
+        polarization : {"x", "y", "none"}
+            Direction of linear polarisation of the beam ("x" is horizontal at most XFELs), or
+            "none" for an unpolarised source, P = (1 + cos² 2θ)/2.
+        """
+        if polarization not in _POLARIZATIONS:
+            raise ParameterError(f"polarization must be one of {_POLARIZATIONS}, got {polarization!r}.")
+        if polarization == "none":
+            return (1.0 + np.cos(self.two_theta_rad) ** 2) / 2.0
+        u = self.unit_vectors[0 if polarization == "x" else 1]
+        return 1.0 - u * u
+
+    # ------------------------------------------------------------------ polar sampling
+    def polar_grid(
+        self,
+        n_radii: int,
+        n_angles: int,
+        r_max_px: float | None = None,
+        r_min_px: float = 0.0,
+        full_circle: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Sampling points of a polar grid centred on the beam, in pixel-index coordinates.
+
+        Parameters
+        ----------
+        n_radii, n_angles : int
+            Number of radial and angular samples.
+        r_max_px : float, optional
+            Outer radius in pixels; defaults to the largest circle that fits on the detector.
+        r_min_px : float
+            Inner radius in pixels.
+        full_circle : bool
+            Angles φ_k = k·2π/n over [0, 2π) if True, else k·π/n over [0, π).
+
+        Returns
+        -------
+        rows, cols : ndarray
+            Pixel-index coordinates, shape ``(n_angles, n_radii)``, for interpolation.
+        radii_px : ndarray
+            Radii of the samples (pixels), shape ``(n_radii,)``.
+        angles_rad : ndarray
+            Azimuths of the samples (radians), shape ``(n_angles,)``.
+        """
+        if int(n_radii) < 1 or int(n_angles) < 1:
+            raise ParameterError(f"n_radii and n_angles must be ≥ 1, got {n_radii}, {n_angles}.")
+        cy, cx = self.beam_center_yx
+        if r_max_px is None:
+            r_max_px = min(cy, cx, self.shape[0] - 1 - cy, self.shape[1] - 1 - cx)
+        if not 0 <= r_min_px < r_max_px:
+            raise ParameterError(
+                f"need 0 ≤ r_min_px < r_max_px, got r_min_px={r_min_px}, r_max_px={r_max_px}."
+            )
+        radii = np.linspace(r_min_px, r_max_px, int(n_radii))
+        span = 2.0 * np.pi if full_circle else np.pi
+        angles = np.arange(int(n_angles)) * (span / int(n_angles))
+        rows = cy + np.sin(angles)[:, None] * radii[None, :]
+        cols = cx + np.cos(angles)[:, None] * radii[None, :]
+        return rows, cols, radii, angles
