@@ -103,11 +103,13 @@ def connect(
     if int(n_workers) < 1 or int(threads_per_worker) < 1:
         raise ClusterError(f"n_workers and threads_per_worker must be ≥ 1, got {n_workers}, {threads_per_worker}.")
     cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
+    if processes:
+        # Thread-only clusters talk in-process; process clusters must not listen beyond this machine.
+        cluster_kwargs.setdefault("host", "127.0.0.1")
     return Client(
         n_workers=int(n_workers),
         threads_per_worker=int(threads_per_worker),
         memory_limit=memory_limit,
         processes=processes,
-        host="127.0.0.1",
         **cluster_kwargs,
     )

@@ -59,7 +59,7 @@ def write_demo_cxi(
     weight = geometry.solid_angle_sr * geometry.polarization_factor("x")
     with h5py.File(path, "w") as f:
         data = f.create_dataset(CXI_DATA, shape=(n_frames, *shape), dtype="uint16",
-                                chunks=(16, *shape), compression="gzip", compression_opts=1)
+                                chunks=(min(16, n_frames), *shape), compression="gzip", compression_opts=1)
         f[f"{CXI_DETECTOR}/mask"] = (~mask).astype("uint16")
         f[f"{CXI_DETECTOR}/distance"] = geometry.distance_m
         f[f"{CXI_DETECTOR}/x_pixel_size"] = geometry.pixel_size_yx_m[1]
