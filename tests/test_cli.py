@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -65,3 +66,20 @@ def test_errors_are_one_clear_line_with_exit_status_2(tmp_path):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "diffdask.cli", "--help"], capture_output=True, text=True, check=True)
     assert "ingest" in out.stdout and "info" in out.stdout
+
+
+def test_readme_quick_start_runs(cluster, tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("## Quick start (Python)")[1].split("```python")[1].split("```")[0]
+    write_demo_cxi(str(tmp_path / "run.cxi"), n_frames=30, shape=(32, 32), seed=1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFDASK_SCHEDULER", cluster.scheduler_address)
+    exec(compile(code, "README.md", "exec"), {})
+    with h5py.File(tmp_path / "run.cxi") as f:
+        raw, bad = f["entry_1/data_1/data"][()], f["entry_1/instrument_1/detector_1/mask"][()] != 0
+    stored = open_frames(tmp_path / "run.zarr")
+    assert np.array_equal(stored.frames.values, raw)
+    from diffdask.io import open_results
+
+    expected = np.where(bad[None], 0, raw).sum(axis=(1, 2))
+    assert np.array_equal(open_results(tmp_path / "run.zarr", "total").total.values, expected)
