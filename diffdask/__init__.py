@@ -2,6 +2,7 @@
 
 from diffdask.blocks import map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
+from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -27,10 +28,14 @@ from diffdask.io import (
     save_results,
     store_info,
 )
+from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMC2D",
+    "EMCDetector",
+    "EMCResult",
     "BackendError",
     "ClusterError",
     "DiffdaskError",
@@ -44,6 +49,7 @@ __all__ = [
     "StoreFormatError",
     "StoreNotFoundError",
     "__version__",
+    "bootstrap",
     "connect",
     "get_geometry",
     "get_mask",
@@ -55,9 +61,13 @@ __all__ = [
     "open_hdf5",
     "open_results",
     "pair_blocks",
+    "read_emc",
+    "read_emc_output",
     "reduce_frames",
     "save_frames",
     "save_results",
     "store_info",
     "validate",
+    "write_emc",
+    "write_emc_output",
 ]

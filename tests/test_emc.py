@@ -231,3 +231,42 @@ def h5py_file(path):
     import h5py
 
     return h5py.File(path, "w")
+
+
+# ----------------------------------------------------------------- command line
+def test_emc2d_command_on_dragonfly_files_and_on_a_store(cluster, tmp_path, dragonfly_stack):
+    from click.testing import CliRunner
+
+    from diffdask.cli import main
+    from diffdask.io import list_results, open_frames, open_results, save_frames
+
+    runner = CliRunner()
+    result = runner.invoke(main, [
+        "emc2d", "--photons", str(REF / "photons.emc"), "--detector", str(REF / "det_sim.h5"),
+        "--classes", "6", "--rotations", "24", "--start-model", str(REF / "output_000.h5"),
+        "--iterations", "1", "--save-probabilities", "--out", str(tmp_path / "df"),
+        "--scheduler", cluster.scheduler_address,
+    ])
+    assert result.exit_code == 0, result.output
+    assert "iteration   1  log-likelihood -1.364583e+03" in result.output
+    ours, ref = read_emc_output(str(tmp_path / "df" / "output_001.h5")), _reference(1)
+    assert np.allclose(ours["intens"], ref["intens"], rtol=1e-9)
+
+    store = tmp_path / "run.zarr"
+    save_frames(dragonfly_stack.isel(frame=slice(0, 300)), store, batch_frames=100)
+    result = runner.invoke(main, ["emc2d", str(store), "--classes", "2", "--rotations", "6", "--iterations", "2",
+                                  "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 0, result.output
+    assert list_results(store) == ["emc2d/iter_001", "emc2d/iter_002"]
+    it2 = open_results(store, "emc2d/iter_002")
+    assert it2.models.shape == (2, 93, 93) and it2.scale.shape == (300,)
+
+    result = runner.invoke(main, ["bootstrap", str(store), "--runs", "2", "--classes", "2", "--rotations", "6",
+                                  "--iterations", "1", "--out", str(tmp_path / "avg.zarr"),
+                                  "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 0, result.output
+    averages = open_frames(tmp_path / "avg.zarr")
+    assert averages.frames.shape == (4, 93, 93) and averages.run.values.tolist() == [0, 0, 1, 1]
+
+    result = runner.invoke(main, ["emc2d", "--classes", "2", "--rotations", "6"])
+    assert result.exit_code == 2 and "STORE or --photons" in result.output
