@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 import xarray as xr
+from dask.base import tokenize
 
 from diffdask.errors import SchemaError, StoreFormatError
 from diffdask.frames import make_frame_stack
@@ -53,58 +54,91 @@ def _read_detector(path: str) -> dict[str, Any]:
     return det
 
 
-def _read_photons(path: str) -> tuple[sp.csr_matrix, int]:
-    loc = Location.of(path)
-    loc.require()
-    size = os.path.getsize(loc.fs_path)
-    with open(loc.fs_path, "rb") as f:
-        header = np.frombuffer(f.read(EMC_HEADER_BYTES), dtype="<i4")
-        if header.size < 3:
-            raise StoreFormatError(f"{path!r} is shorter than the 1024-byte .emc header; the file is truncated.")
-        num_data, num_pix, kind = (int(v) for v in header[:3])
-        if num_data < 0 or num_pix <= 0 or kind != 0:
-            raise StoreFormatError(
-                f"{path!r} is not a sparse Dragonfly .emc file (header: num_data={num_data}, "
-                f"num_pix={num_pix}, type={kind}; only type 0 is supported)."
-            )
+class _EMCPhotons:
+    """A sparse ``.emc`` photon file, read lazily: only the requested frames' photons."""
 
-        def read(count: int, what: str) -> np.ndarray:
-            raw = f.read(4 * count)
-            if len(raw) != 4 * count:
+    def __init__(self, path: str) -> None:
+        loc = Location.of(path)
+        loc.require()
+        self.path = loc.fs_path
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            header = np.frombuffer(f.read(EMC_HEADER_BYTES), dtype="<i4")
+            if header.size < EMC_HEADER_BYTES // 4:
                 raise StoreFormatError(
-                    f"{path!r} is truncated: {what} needs {4 * count} bytes, {len(raw)} remain "
-                    f"(file size {size} bytes). Copy the file again."
+                    f"{path!r} is shorter than the 1024-byte .emc header; the file is truncated."
                 )
-            return np.frombuffer(raw, dtype="<i4").astype(np.int64)
+            num_data, num_pix, kind = (int(v) for v in header[:3])
+            if num_data < 0 or num_pix <= 0 or kind != 0:
+                raise StoreFormatError(
+                    f"{path!r} is not a sparse Dragonfly .emc file (header: num_data={num_data}, "
+                    f"num_pix={num_pix}, type={kind}; only type 0 is supported)."
+                )
+            counts = np.frombuffer(f.read(8 * num_data), dtype="<i4")
+        if counts.size != 2 * num_data:
+            raise StoreFormatError(f"{path!r} is truncated inside its per-frame photon counts.")
+        ones, multi = counts[:num_data].astype(np.int64), counts[num_data:].astype(np.int64)
+        self.ones_accum = np.concatenate([[0], np.cumsum(ones)])
+        self.multi_accum = np.concatenate([[0], np.cumsum(multi)])
+        self.off_place_ones = EMC_HEADER_BYTES + 8 * num_data
+        self.off_place_multi = self.off_place_ones + 4 * int(self.ones_accum[-1])
+        self.off_count_multi = self.off_place_multi + 4 * int(self.multi_accum[-1])
+        expected = self.off_count_multi + 4 * int(self.multi_accum[-1])
+        if size < expected:
+            raise StoreFormatError(
+                f"{path!r} is truncated: its header and counts need {expected} bytes, the file has {size}. "
+                "Copy the file again."
+            )
+        self.num_data, self.num_pix = num_data, num_pix
 
-        ones = read(num_data, "ones")
-        multi = read(num_data, "multi")
-        place_ones = read(int(ones.sum()), "place_ones")
-        place_multi = read(int(multi.sum()), "place_multi")
-        count_multi = read(int(multi.sum()), "count_multi")
-    if (place_ones.size and (place_ones.min() < 0 or place_ones.max() >= num_pix)) or (
-        place_multi.size and (place_multi.min() < 0 or place_multi.max() >= num_pix)
-    ):
-        raise StoreFormatError(f"{path!r} lists photons at pixels outside 0..{num_pix - 1}; the file is corrupt.")
-    rows = np.concatenate([np.repeat(np.arange(num_data), ones), np.repeat(np.arange(num_data), multi)])
-    cols = np.concatenate([place_ones, place_multi])
-    vals = np.concatenate([np.ones(place_ones.size, np.int64), count_multi])
-    csr = sp.csr_matrix((vals, (rows, cols)), shape=(num_data, num_pix))
-    csr.sum_duplicates()
-    return csr, num_pix
+    def _section(self, f: Any, offset: int, start: int, stop: int) -> np.ndarray:
+        f.seek(offset + 4 * start)
+        return np.frombuffer(f.read(4 * (stop - start)), dtype="<i4").astype(np.int64)
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Photon counts of frames ``start:stop`` as a CSR matrix (frames × pixels)."""
+        a0, a1 = int(self.ones_accum[start]), int(self.ones_accum[stop])
+        m0, m1 = int(self.multi_accum[start]), int(self.multi_accum[stop])
+        with open(self.path, "rb") as f:
+            place_ones = self._section(f, self.off_place_ones, a0, a1)
+            place_multi = self._section(f, self.off_place_multi, m0, m1)
+            count_multi = self._section(f, self.off_count_multi, m0, m1)
+        for places in (place_ones, place_multi):
+            if places.size and (places.min() < 0 or places.max() >= self.num_pix):
+                raise StoreFormatError(
+                    f"{self.path!r} lists photons at pixels outside 0..{self.num_pix - 1}; the file is corrupt."
+                )
+        n = stop - start
+        frame_ones = np.repeat(np.arange(n), np.diff(self.ones_accum[start : stop + 1]))
+        frame_multi = np.repeat(np.arange(n), np.diff(self.multi_accum[start : stop + 1]))
+        csr = sp.csr_matrix(
+            (
+                np.concatenate([np.ones(place_ones.size, np.int64), count_multi]),
+                (np.concatenate([frame_ones, frame_multi]), np.concatenate([place_ones, place_multi])),
+            ),
+            shape=(n, self.num_pix),
+        )
+        csr.sum_duplicates()
+        return csr
 
 
 class _SparseFrames:
-    """Dense (frame, y, x) view of sparse photon rows, densified per requested block."""
+    """Dense (frame, y, x) view of a photon file, densified per requested block of frames."""
 
-    def __init__(self, csr: sp.csr_matrix, grid_index: np.ndarray, shape: tuple[int, int], dtype: Any) -> None:
-        self.csr, self.grid_index, self.frame_shape = csr, grid_index, shape
+    def __init__(self, photons: _EMCPhotons, grid_index: np.ndarray, shape: tuple[int, int], dtype: Any) -> None:
+        self.photons, self.grid_index, self.frame_shape = photons, grid_index, shape
         self.dtype = np.dtype(dtype)
-        self.shape = (csr.shape[0], *shape)
+        self.shape = (photons.num_data, *shape)
         self.ndim = 3
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        rows = self.csr[key[0]]
+        start, stop, _ = key[0].indices(self.shape[0])
+        rows = self.photons.rows(start, stop)
+        if rows.nnz and rows.data.max() > np.iinfo(self.dtype).max:
+            raise StoreFormatError(
+                f"frames {start}..{stop} of {self.photons.path!r} hold {int(rows.data.max())} photons in one "
+                f"pixel, more than {self.dtype} can hold; the file is corrupt or not photon counts."
+            )
         out = np.zeros((rows.shape[0], self.frame_shape[0] * self.frame_shape[1]), dtype=self.dtype)
         out[:, self.grid_index] = rows.toarray()
         return out.reshape(rows.shape[0], *self.frame_shape)[(slice(None), *key[1:])]
@@ -156,7 +190,8 @@ def read_emc(photons_path: str, detector_path: str, chunks: int | None = None) -
         The photons file and detector have different pixel counts.
     """
     det = _read_detector(detector_path)
-    csr, num_pix = _read_photons(photons_path)
+    photons = _EMCPhotons(photons_path)
+    num_pix = photons.num_pix
     if num_pix != det["qx"].size:
         raise SchemaError(
             f"{photons_path!r} has {num_pix} pixels per frame but detector {detector_path!r} has "
@@ -172,8 +207,10 @@ def read_emc(photons_path: str, detector_path: str, chunks: int | None = None) -
         return out.reshape(shape)
 
     emc_mask = on_grid(det["mask"].astype(np.uint8), 2, np.uint8)
-    dtype = np.uint16 if csr.data.size == 0 or csr.data.max() < 2**16 else np.uint32
-    frames = da.from_array(_SparseFrames(csr, flat, shape, dtype), chunks=(chunks or 4096, -1, -1),
+    # uint16 holds any count a detector pixel records in one XFEL shot.
+    dtype = np.uint16
+    frames = da.from_array(_SparseFrames(photons, flat, shape, dtype), chunks=(chunks or 4096, -1, -1),
+                           name=f"emc-{tokenize(os.path.abspath(photons_path), os.path.getmtime(photons.path))}",
                            meta=np.empty((0, 0, 0), dtype), asarray=True, fancy=False)
     ds = make_frame_stack(frames, mask=emc_mask < 2, attrs={
         "source": os.fspath(photons_path),
