@@ -6,6 +6,7 @@ workers, and writing any number of frames holds only a few chunks in memory.
 """
 
 from diffdask.simulate.atoms import CROMER_MANN, atomic_form_factor, read_pdb
+from diffdask.simulate.bragg import bragg_kernel, bragg_reflections, cell_matrix, simulate_bragg
 from diffdask.simulate.common import ELECTRON_RADIUS_M, detector_mask, quaternion_to_matrix
 from diffdask.simulate.particles import (
     SHAPES,
@@ -25,11 +26,15 @@ __all__ = [
     "FormFactorVolume",
     "Particle",
     "atomic_form_factor",
+    "bragg_kernel",
+    "bragg_reflections",
+    "cell_matrix",
     "detector_mask",
     "form_factor_volume",
     "quaternion_to_matrix",
     "read_pdb",
     "required_grid_size",
+    "simulate_bragg",
     "simulate_spi",
     "sphere_amplitude",
     "spi_kernel",
