@@ -17,6 +17,15 @@ from diffdask.simulate.particles import (
     sphere_amplitude,
     trilinear,
 )
+from diffdask.simulate.ptycho import (
+    PtychoSample,
+    make_probe,
+    make_sample,
+    ptycho_kernel,
+    ptycho_sample,
+    scan_positions,
+    simulate_ptycho,
+)
 from diffdask.simulate.spi import simulate_spi, spi_kernel
 
 __all__ = [
@@ -25,16 +34,23 @@ __all__ = [
     "SHAPES",
     "FormFactorVolume",
     "Particle",
+    "PtychoSample",
     "atomic_form_factor",
     "bragg_kernel",
     "bragg_reflections",
     "cell_matrix",
     "detector_mask",
     "form_factor_volume",
+    "make_probe",
+    "make_sample",
+    "ptycho_kernel",
+    "ptycho_sample",
     "quaternion_to_matrix",
     "read_pdb",
     "required_grid_size",
+    "scan_positions",
     "simulate_bragg",
+    "simulate_ptycho",
     "simulate_spi",
     "sphere_amplitude",
     "spi_kernel",
