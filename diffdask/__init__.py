@@ -1,6 +1,7 @@
 """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
 
 from diffdask.blocks import map_frames, pair_blocks, reduce_frames
+from diffdask.cluster import connect
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -16,6 +17,16 @@ from diffdask.errors import (
 )
 from diffdask.frames import get_geometry, get_mask, make_frame_stack, validate
 from diffdask.geometry import Geometry
+from diffdask.io import (
+    ingest_hdf5,
+    list_results,
+    open_frames,
+    open_hdf5,
+    open_results,
+    save_frames,
+    save_results,
+    store_info,
+)
 
 __version__ = "0.1.0"
 
@@ -33,11 +44,20 @@ __all__ = [
     "StoreFormatError",
     "StoreNotFoundError",
     "__version__",
+    "connect",
     "get_geometry",
     "get_mask",
+    "ingest_hdf5",
+    "list_results",
     "make_frame_stack",
     "map_frames",
+    "open_frames",
+    "open_hdf5",
+    "open_results",
     "pair_blocks",
     "reduce_frames",
+    "save_frames",
+    "save_results",
+    "store_info",
     "validate",
 ]
