@@ -1,6 +1,6 @@
 """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
 
-from diffdask.blocks import map_frames, pair_blocks, reduce_frames
+from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.errors import (
     BackendError,
@@ -27,6 +27,7 @@ from diffdask.io import (
     save_results,
     store_info,
 )
+from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 
 __version__ = "0.1.0"
 
@@ -39,12 +40,15 @@ __all__ = [
     "IncompleteStoreError",
     "NonFinitePixelsWarning",
     "ParameterError",
+    "Particle",
     "SchemaError",
     "StoreExistsError",
     "StoreFormatError",
     "StoreNotFoundError",
     "__version__",
     "connect",
+    "detector_mask",
+    "generate_frames",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
@@ -58,6 +62,9 @@ __all__ = [
     "reduce_frames",
     "save_frames",
     "save_results",
+    "simulate_bragg",
+    "simulate_ptycho",
+    "simulate_spi",
     "store_info",
     "validate",
 ]

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from click.testing import CliRunner
+
 from diffdask import Geometry, ParameterError
+from diffdask.cli import main
+from diffdask.io import open_frames
 from diffdask.simulate import bragg_reflections, cell_matrix, simulate_bragg
 from diffdask.simulate.bragg import MIN_PARTIALITY
 
@@ -190,3 +194,12 @@ def test_same_seed_same_bytes_for_any_chunking():
 def test_bad_input(kwargs, match):
     with pytest.raises(ParameterError, match=match):
         simulate_bragg(2, Geometry((16, 16), 1e-4, 0.1, 1e-10), **kwargs)
+
+
+def test_cli_simulate_bragg(cluster, tmp_path):
+    store = tmp_path / "stills.zarr"
+    result = CliRunner().invoke(main, ["simulate", "bragg", str(store), "--n-frames", "6", "--shape", "48",
+                                       "--variant", "binary", "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 0, result.output
+    stored = open_frames(store)
+    assert set(np.unique(stored.frames.values)) <= {0.0, 1.0} and stored.pitch_deg.shape == (6,)

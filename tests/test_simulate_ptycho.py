@@ -8,7 +8,11 @@ import dask
 import numpy as np
 import pytest
 
+from click.testing import CliRunner
+
 from diffdask import Geometry, ParameterError
+from diffdask.cli import main
+from diffdask.io import open_frames
 from diffdask.simulate import make_probe, ptycho_sample, scan_positions, simulate_ptycho
 
 
@@ -165,3 +169,13 @@ def test_photon_noise_and_chunking_determinism():
 def test_bad_input(kwargs, match):
     with pytest.raises(ParameterError, match=match):
         simulate_ptycho(4, GEOM, **kwargs)
+
+
+def test_cli_simulate_ptycho(cluster, tmp_path):
+    store = tmp_path / "scan.zarr"
+    result = CliRunner().invoke(main, ["simulate", "ptycho", str(store), "--n-frames", "20", "--shape", "32",
+                                       "--probe-diameter", "3e-7", "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 0, result.output
+    stored = open_frames(store)
+    assert stored.frames.shape == (20, 32, 32) and stored.scan_x.shape == (20,)
+    assert stored.attrs["simulation"]["simulator"] == "ptycho"

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from click.testing import CliRunner
+
 from diffdask import Geometry, ParameterError, StoreNotFoundError
+from diffdask.cli import main
+from diffdask.io import open_frames
 from diffdask.blocks import generate_frames
 from diffdask.simulate import (
     Particle,
@@ -333,3 +337,32 @@ def test_pdb_errors(tmp_path):
     good = write_pdb(tmp_path / "ok.pdb", ATOMS)
     with pytest.raises(ParameterError, match="diameter_nm=None"):
         Particle("pdb", 50.0, pdb_path=str(good))
+
+
+def test_a_frame_needs_only_its_own_chunk():
+    ds = simulate_spi(1_000_000, GEOM, chunks=100, seed=1)
+    one = ds.frames.data[654_321:654_322]
+    (optimized,) = dask.optimize(one)
+    # Chunks are independent: after culling, one frame of a 10⁶-frame run is one kernel call.
+    assert len(dict(optimized.__dask_graph__())) <= 3
+    other = simulate_spi(1_000_000, GEOM, chunks=7, seed=1).frames.data[654_321:654_322]
+    assert one.compute().tobytes() == other.compute().tobytes()
+
+
+def test_cli_simulate_spi_writes_a_labelled_store(cluster, tmp_path):
+    store = tmp_path / "spi.zarr"
+    result = CliRunner().invoke(main, ["simulate", "spi", str(store), "--n-frames", "24", "--shape", "32",
+                                       "--single-hit-fraction", "0.8", "--seed", "4", "--batch-frames", "8",
+                                       "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 0, result.output
+    assert "simulated 24 spi frames" in result.output
+    stored = open_frames(store)
+    geom = Geometry((32, 32), 600e-6, 0.3, 6e-10)
+    expected = simulate_spi(24, geom, Particle("sphere", (55.0, 84.0)), single_hit_fraction=0.8, seed=4, chunks=5,
+                            mask=detector_mask(geom, gap_px=4, beamstop_radius_px=4.0))
+    assert stored.frames.values.tobytes() == expected.frames.values.tobytes()
+    assert np.array_equal(stored.single_hit.values, expected.single_hit.values)
+    assert stored.attrs["simulation"]["seed"] == 4
+    bad = CliRunner().invoke(main, ["simulate", "spi", str(tmp_path / "x.zarr"), "--n-frames", "2",
+                                    "--particle", "blob"])
+    assert bad.exit_code == 2 and "unknown particle shape" in bad.output
