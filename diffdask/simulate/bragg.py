@@ -124,7 +124,9 @@ def _frame_parameters(model: BraggModel, geometry: Geometry, frame: int) -> dict
         "distance": float(distance),
         "water": float(water),
         "plastic": float(plastic),
-        "wilson": rng,
+        # The same generator then draws the reflections' Wilson intensities, whose number
+        # is known only once the reflections are found.
+        "rng": rng,
     }
 
 
@@ -261,7 +263,7 @@ def bragg_kernel(start: int, stop: int, *, model: BraggModel, geometry: Geometry
             cell, rot, lam_nm, float(s_len.max()), (model.mosaicity_rad, 1.0 / model.domain_size_nm)
         )
         s_abs = np.linalg.norm(s, axis=1)
-        wilson = par["wilson"].exponential(1.0, size=len(hkl))
+        wilson = par["rng"].exponential(1.0, size=len(hkl))
         k_out = s + np.array([0.0, 0.0, 1.0 / lam_nm])
         rows, cols = g.project_directions(k_out.T, par["pitch"], par["yaw"])
         u_out = k_out / np.linalg.norm(k_out, axis=1, keepdims=True)
