@@ -21,6 +21,7 @@ from diffdask.simulate import (
     atomic_form_factor,
     detector_mask,
     form_factor_volume,
+    melting_ensemble,
     simulate_spi,
 )
 
@@ -107,6 +108,16 @@ def test_superellipsoid_p2_equals_sphere():
     assert np.max(np.abs(a - b)[ok] / b[ok]) < 1e-2
 
 
+@pytest.mark.parametrize("p", [3.0, 6.0, 12.0])
+def test_superellipsoid_forward_scattering_is_its_electron_count(p):
+    axes = np.array([1.0, 0.8, 0.6])
+    vol = form_factor_volume(Particle("superellipsoid", 60.0, exponent=p, axes_ratio=tuple(axes)), 0.05)
+    a, b, c = 30.0 * axes
+    # Volume of |x/a|^p + |y/b|^p + |z/c|^p ≤ 1: 8abc Γ(1 + 1/p)³ / Γ(1 + 3/p).
+    volume = 8 * a * b * c * math.gamma(1 + 1 / p) ** 3 / math.gamma(1 + 3 / p)
+    assert vol.values[0, 0, 0] == pytest.approx(RHO * volume, rel=1e-3)
+
+
 def test_icosahedral_shell_forward_scattering_is_its_electron_count():
     d, shell = 70.0, 0.2
     vol = form_factor_volume(Particle("icosahedral_shell", d, shell_fraction=shell), 0.05)
@@ -136,7 +147,7 @@ def test_pdb_direct_sum_and_friedel_symmetry(tmp_path):
     pdb = write_pdb(tmp_path / "tiny.pdb", ATOMS)
     # Hard X-rays far away: s_z ≈ 0 (flat Ewald sphere), beam on the central pixel.
     geom = Geometry((33, 33), 100e-6, 1.0, 0.02e-9)
-    ds = simulate_spi(2, geom, Particle("pdb", None, pdb_path=str(pdb)), noise=False,
+    ds = simulate_spi(2, geom, Particle("pdb", pdb_path=str(pdb)), noise=False,
                       fluence_jitter_shape=None, seed=11)
     frames = ds.frames.values
     q = ds.orientation.values
@@ -160,7 +171,7 @@ def test_pdb_direct_sum_and_friedel_symmetry(tmp_path):
 def test_pdb_slicing_matches_direct_sum(tmp_path):
     pdb = write_pdb(tmp_path / "tiny.pdb", ATOMS)
     geom = Geometry((32, 32), 200e-6, 0.2, 0.2e-9)
-    p = Particle("pdb", None, pdb_path=str(pdb))
+    p = Particle("pdb", pdb_path=str(pdb))
     direct = simulate_spi(3, geom, p, noise=False, seed=2).frames.values
     sliced = simulate_spi(3, geom, p, noise=False, seed=2, method="slicing", oversampling=12).frames.values
     ok = direct > 1e-2 * direct.max()
@@ -335,17 +346,18 @@ def test_pdb_errors(tmp_path):
     with pytest.raises(ParameterError, match="Fe"):
         Particle("pdb", None, pdb_path=str(bad))
     good = write_pdb(tmp_path / "ok.pdb", ATOMS)
-    with pytest.raises(ParameterError, match="diameter_nm=None"):
+    with pytest.raises(ParameterError, match="leave diameter_nm unset"):
         Particle("pdb", 50.0, pdb_path=str(good))
 
 
 def test_a_frame_needs_only_its_own_chunk():
-    ds = simulate_spi(1_000_000, GEOM, chunks=100, seed=1)
+    geom = Geometry((16, 16), 600e-6, 0.3, 0.7e-9)
+    ds = simulate_spi(1_000_000, geom, chunks=500, seed=1)
     one = ds.frames.data[654_321:654_322]
     (optimized,) = dask.optimize(one)
     # Chunks are independent: after culling, one frame of a 10⁶-frame run is one kernel call.
     assert len(dict(optimized.__dask_graph__())) <= 3
-    other = simulate_spi(1_000_000, GEOM, chunks=7, seed=1).frames.data[654_321:654_322]
+    other = simulate_spi(1_000_000, geom, chunks=333, seed=1).frames.data[654_321:654_322]
     assert one.compute().tobytes() == other.compute().tobytes()
 
 
@@ -366,3 +378,26 @@ def test_cli_simulate_spi_writes_a_labelled_store(cluster, tmp_path):
     bad = CliRunner().invoke(main, ["simulate", "spi", str(tmp_path / "x.zarr"), "--n-frames", "2",
                                     "--particle", "blob"])
     assert bad.exit_code == 2 and "unknown particle shape" in bad.output
+
+
+def test_melting_ensemble_conserves_electrons_and_fractions():
+    particles, fractions = melting_ensemble(42.0)
+    zero = np.zeros((1, 3, 1))
+    cube, rounded, sphere = (
+        float(p.structure_factor(zero, np.array([p.size_range_nm[0]]))[0, 0]) if p.exact
+        else float(form_factor_volume(p, 0.05).values[0, 0, 0])
+        for p in particles[:3]
+    )
+    # Melting keeps the electrons: cube (a³ ρ) = sphere (π d³/6 · ρ · 17.31/19.32).
+    gold = 79 * 19.32 / 196.97 * 6.02214076e23 / 1e21
+    assert cube == pytest.approx(42.0**3 * gold, rel=1e-9)
+    assert sphere == pytest.approx(cube, rel=1e-9)
+    # Superellipsoid volume 8abc Γ(1 + 1/p)³ / Γ(1 + 3/p), here p = 6 and a = b = c = 21 nm.
+    volume = 8 * 21.0**3 * math.gamma(1 + 1 / 6) ** 3 / math.gamma(1 + 3 / 6)
+    assert rounded == pytest.approx(volume * gold, rel=1e-3)
+    n = 2000
+    ds = simulate_spi(n, Geometry((8, 8), 600e-6, 0.3, 0.7e-9), particles, fractions=fractions, seed=3,
+                      chunks=1000, oversampling=4)
+    assert ds.attrs["shape_classes"] == ["cube", "rounded cube", "sphere", "contaminant"]
+    for k, p in enumerate(fractions):
+        assert abs((ds.shape_class.values == k).mean() - p) < 4 * math.sqrt(p * (1 - p) / n)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import erfc
+from scipy.special import erfc, ndtr, owens_t
 
 from diffdask.backend import array_namespace
 from diffdask.errors import ParameterError
@@ -37,6 +37,8 @@ EXACT_SHAPES = ("sphere", "ellipsoid", "cube", "pdb")
 
 #: Typical electron density of protein, e⁻/nm³ (1.35 g/cm³, 0.54 e⁻ per dalton).
 PROTEIN_E_PER_NM3 = 430.0
+#: Size of a particle when none is given, nm (PR772-like).
+DEFAULT_DIAMETER_NM = 70.0
 #: Smallest allowed grid oversampling k (reciprocal step 1/(k D)).
 MIN_OVERSAMPLING = 4.0
 #: Largest reciprocal-space grid built without being asked for explicitly, bytes.
@@ -57,8 +59,8 @@ class Particle:
     diameter_nm : float or (float, float)
         Size, nm: the sphere diameter; twice the largest semi-axis of an (super)ellipsoid,
         i.e. the edge of a cube; the vertex-to-vertex diameter of an icosahedral shell. A
-        ``(low, high)`` pair draws it uniformly per particle (e.g. ``(55, 84)``). Must be
-        None for ``"pdb"``, whose atoms fix the size.
+        ``(low, high)`` pair draws it uniformly per particle (e.g. ``(55, 84)``). Defaults to
+        `DEFAULT_DIAMETER_NM`; must stay None for ``"pdb"``, whose atoms fix the size.
     axes_ratio : (float, float, float)
         Relative semi-axes (a, b, c) along body x, y, z of ellipsoids, boxes and
         superellipsoids; the largest becomes ``diameter_nm / 2``.
@@ -85,7 +87,7 @@ class Particle:
     """
 
     shape: str = "sphere"
-    diameter_nm: float | tuple[float, float] | None = 70.0
+    diameter_nm: float | tuple[float, float] | None = None
     axes_ratio: tuple[float, float, float] = (1.0, 1.0, 1.0)
     exponent: float = 2.0
     shell_fraction: float = 0.15
@@ -104,7 +106,7 @@ class Particle:
                 raise ParameterError('a "pdb" particle needs pdb_path, the path of a PDB file.')
             if self.diameter_nm is not None:
                 raise ParameterError(
-                    'a "pdb" particle takes its size from its atoms; leave diameter_nm=None.'
+                    'a "pdb" particle takes its size from its atoms; leave diameter_nm unset (None).'
                 )
             elements, xyz, occ = read_pdb(self.pdb_path)
             # Centre the atoms so that orientations rotate about the particle's centroid.
@@ -112,7 +114,8 @@ class Particle:
             object.__setattr__(self, "_atoms", (tuple(elements), xyz, occ))
             object.__setattr__(self, "pdb_path", str(Path(self.pdb_path)))
         else:
-            object.__setattr__(self, "diameter_nm", check_range("diameter_nm", self.diameter_nm, "nm"))
+            size = DEFAULT_DIAMETER_NM if self.diameter_nm is None else self.diameter_nm
+            object.__setattr__(self, "diameter_nm", check_range("diameter_nm", size, "nm"))
         ratio = tuple(float(r) for r in np.asarray(self.axes_ratio, dtype=float).ravel())
         if len(ratio) != 3 or not all(math.isfinite(r) and r > 0 for r in ratio):
             raise ParameterError(f"axes_ratio must be three positive numbers (a, b, c), got {self.axes_ratio!r}.")
@@ -159,10 +162,13 @@ class Particle:
         # max |r| over Σ|x_i/a_i|^p = 1 is ≤ a_max·max‖u‖₂ over ‖u‖_p = 1 = a_max·3^(1/2 − 1/p).
         return float(min(np.linalg.norm(a), a.max() * 3.0 ** max(0.0, 0.5 - 1.0 / self.exponent)))
 
-    def thinnest_feature_nm(self, diameter_nm: float) -> float:
-        """Smallest semi-axis or shell thickness at a given diameter, nm."""
+    def curvature_scale_nm(self, diameter_nm: float) -> float:
+        """Smallest length over which the surface bends, nm: the blur of a density grid must
+        stay well below it (smallest semi-axis; inner circumradius of a shell)."""
         if self.shape == "icosahedral_shell":
-            return 0.5 * diameter_nm * ICOSAHEDRON_IN_OVER_CIRCUM * self.shell_fraction
+            # Flat faces blur exactly at any σ; edges and vertices, set by the size of the inner
+            # surface (of a thick shell, the outer one), are what bends.
+            return 0.5 * diameter_nm * max(1.0 - self.shell_fraction, 0.5)
         if self.shape == "pdb":
             return self.bounding_radius_nm(diameter_nm)
         return float(self.semi_axes_nm(diameter_nm).min())
@@ -255,10 +261,59 @@ class Particle:
         if self.shape == "icosahedral_shell":
             outer = 0.5 * diameter_nm
             inner = outer * (1.0 - self.shell_fraction)
-            occ_out = 0.5 * erfc(_icosahedron_distance(r, outer) * scale)
-            occ_in = 0.5 * erfc(_icosahedron_distance(r, inner) * scale) if inner > 0 else 0.0
+            occ_out = _icosahedron_occupancy(r, outer, sigma_nm)
+            occ_in = _icosahedron_occupancy(r, inner, sigma_nm) if inner > 0 else 0.0
             return rho * (occ_out - occ_in + self.core_density_ratio * occ_in)
         raise ParameterError(f"a {self.shape!r} particle has no continuum density; it is built from atoms.")
+
+
+#: Electron density of crystalline gold, e⁻/nm³ (19.32 g/cm³, Z = 79, 196.97 g/mol).
+GOLD_E_PER_NM3 = 79 * 19.32 / 196.97 * 6.02214076e23 * 1e-21
+#: Density of molten (randomly close-packed) gold over crystalline gold, 17.31/19.32.
+MOLTEN_GOLD_RATIO = 17.31 / 19.32
+
+
+def melting_ensemble(
+    edge_nm: float = 42.0,
+    fractions: tuple[float, float, float, float] = (0.55, 0.15, 0.2, 0.1),
+    electron_density_e_per_nm3: float = GOLD_E_PER_NM3,
+) -> tuple[list[Particle], list[float]]:
+    """Classes of a nanocube sample partly melted by the previous pulse (cube → sphere).
+
+    The gold-nanocube ensemble of an SPI run at a MHz XFEL: crystalline cubes, cubes whose
+    edges and corners have rounded (superellipsoid p = 6), spheres of the molten metal (same
+    electrons, 10 % more volume: crystalline 19.32 g/cm³ → molten 17.31 g/cm³) and
+    elongated contaminants (prolate ellipsoids of 0.6–1.4 edge lengths).
+
+    Parameters
+    ----------
+    edge_nm : float or (float, float)
+        Cube edge, nm (a range draws it per particle).
+    fractions : 4 floats
+        Fractions of cubes, rounded cubes, spheres and contaminants (sum 1).
+    electron_density_e_per_nm3 : float
+        Electron density of the crystalline material.
+
+    Returns
+    -------
+    particles : list of Particle
+        Classes named ``"cube"``, ``"rounded cube"``, ``"sphere"``, ``"contaminant"``.
+    fractions : list of float
+        Their fractions, to pass to `simulate_spi`.
+    """
+    low, high = check_range("edge_nm", edge_nm, "nm")
+    rho = check_positive("electron_density_e_per_nm3", electron_density_e_per_nm3, "e⁻/nm³")
+    # A sphere with the cube's electrons at molten density: π d³/6 = a³ / ratio.
+    to_sphere = (6.0 / (math.pi * MOLTEN_GOLD_RATIO)) ** (1.0 / 3.0)
+    particles = [
+        Particle("cube", (low, high), electron_density_e_per_nm3=rho, name="cube"),
+        Particle("superellipsoid", (low, high), exponent=6.0, electron_density_e_per_nm3=rho, name="rounded cube"),
+        Particle("sphere", (low * to_sphere, high * to_sphere), electron_density_e_per_nm3=rho * MOLTEN_GOLD_RATIO,
+                 name="sphere"),
+        Particle("ellipsoid", (0.6 * low, 1.4 * high), axes_ratio=(1.0, 0.55, 0.45), electron_density_e_per_nm3=rho,
+                 name="contaminant"),
+    ]
+    return particles, [float(f) for f in fractions]
 
 
 def sphere_amplitude(x: Any) -> Any:
@@ -332,12 +387,42 @@ _PHI = (1.0 + math.sqrt(5.0)) / 2.0
 ICOSAHEDRON_IN_OVER_CIRCUM = _PHI**2 / (math.sqrt(3.0) * math.sqrt(1.0 + _PHI**2))
 
 
-def _icosahedron_distance(r: np.ndarray, circumradius: float) -> np.ndarray:
-    # Signed distance to the nearest face plane: exact inside and next to faces, slightly
-    # short near edges and vertices outside, which only shifts the blur there.
+def bivariate_normal_cdf(h: np.ndarray, k: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """P(X < h, Y < k) for standard normals X, Y of correlation ρ (|ρ| < 1).
+
+    Owen (1956): ½Φ(h) + ½Φ(k) − T(h, a_h) − T(k, a_k) − β with a_h = (k − ρh)/(h√(1 − ρ²)),
+    a_k = (h − ρk)/(k√(1 − ρ²)), T Owen's function and β = ½ when h and k have opposite signs.
+    """
+    h = np.where(h == 0, 1e-300, h)
+    k = np.where(k == 0, 1e-300, k)
+    root = np.sqrt(1.0 - rho * rho)
+    with np.errstate(over="ignore"):
+        a_h = (k - rho * h) / (h * root)
+        a_k = (h - rho * k) / (k * root)
+    beta = np.where(h * k > 0, 0.0, 0.5)
+    return 0.5 * ndtr(h) + 0.5 * ndtr(k) - owens_t(h, a_h) - owens_t(k, a_k) - beta
+
+
+def _icosahedron_occupancy(r: np.ndarray, circumradius: float, sigma: float) -> np.ndarray:
+    # The icosahedron is the intersection of 20 half-spaces. Blurred by a Gaussian, a point
+    # near a face sees one plane and near an edge the wedge of two, whose blurred indicator
+    # is exactly a bivariate normal probability with correlation n₁·n₂; only points within
+    # a few σ of a vertex, a σ³-sized volume, remain approximate.
     inradius = circumradius * ICOSAHEDRON_IN_OVER_CIRCUM
-    proj = np.tensordot(_ICOSA_NORMALS, r, axes=(1, 0))
-    return proj.max(axis=0) - inradius
+    first = np.full(r.shape[1:], -np.inf)
+    second = np.full(r.shape[1:], -np.inf)
+    i_first = np.zeros(r.shape[1:], dtype=np.int8)
+    i_second = np.zeros(r.shape[1:], dtype=np.int8)
+    for index, n in enumerate(_ICOSA_NORMALS):
+        plane = n[0] * r[0] + n[1] * r[1] + n[2] * r[2] - inradius
+        top = plane > first
+        runner_up = ~top & (plane > second)
+        second = np.where(top, first, np.where(runner_up, plane, second))
+        i_second = np.where(top, i_first, np.where(runner_up, index, i_second)).astype(np.int8)
+        first = np.where(top, plane, first)
+        i_first = np.where(top, index, i_first).astype(np.int8)
+    rho = np.einsum("...k,...k->...", _ICOSA_NORMALS[i_first], _ICOSA_NORMALS[i_second])
+    return bivariate_normal_cdf(-first / sigma, -second / sigma, rho)
 
 
 # ---------------------------------------------------------------------- reciprocal grids
@@ -523,9 +608,9 @@ def _tabulate_exact(particle: Particle, axis: np.ndarray, diameter: float) -> np
 def _transform_density(particle: Particle, axis: np.ndarray, diameter: float, s_max: float) -> np.ndarray:
     # Real-space spacing with Nyquist at ≥ 2 s_max and a blur σ = dx: aliases then come from
     # |s| ≥ 3 s_max, where the Gaussian is below 2e-5, and the deconvolution gain at s_max
-    # is at most exp(2π²/16) ≈ 3.4. σ also stays below 1/8 of the thinnest feature, since the
+    # is at most exp(2π²/16) ≈ 3.4. σ also stays below 1/16 of the curvature scale, since the
     # blurred-surface model is exact only to second order in σ over the curvature radius.
-    dx = min(1.0 / (4.0 * s_max), particle.thinnest_feature_nm(diameter) / 8.0)
+    dx = min(1.0 / (4.0 * s_max), particle.curvature_scale_nm(diameter) / 16.0)
     sigma = dx
     half = int(math.ceil((particle.bounding_radius_nm(diameter) + 6.0 * sigma) / dx))
     x = np.arange(-half, half + 1) * dx
