@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from diffdask import Geometry, ParameterError
 from diffdask.cli import main
 from diffdask.io import open_frames
-from diffdask.simulate import make_probe, ptycho_sample, scan_positions, simulate_ptycho
+from diffdask.simulate import make_probe, object_ground_truth, ptycho_sample, scan_positions, simulate_ptycho
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +117,23 @@ def test_ellipsoid_chord_and_footprint():
     tr, _ = sample.transmission(np.array([cy]), np.array([cx]))
     k = 2 * math.pi / LAM
     assert np.angle(tr[0]) == pytest.approx(math.remainder(-k * sample.delta * t[0], 2 * math.pi), abs=1e-9)
+
+
+def test_ground_truth_footprint_matches_in_object_labels():
+    ds = simulate_ptycho(100, GEOM, probe="gaussian", probe_diameter_m=0.2e-6, overlap=0.0, coverage=0.3,
+                         particle_diameter_m=(0.4e-6, 0.8e-6), seed=12, noise=False)
+    truth = object_ground_truth(ds)
+    assert truth.footprint.values.any() and not truth.footprint.values.all()
+    # The footprint under each scan position (nearest map pixel) agrees with in_object except
+    # where the probe straddles a cell's edge.
+    under = truth.footprint.sel(y_m=ds.scan_y, x_m=ds.scan_x, method="nearest").values
+    fraction = ds.footprint_fraction.values
+    clear = (fraction < 0.02) | (fraction > 0.98)
+    assert clear.sum() > 50
+    assert np.array_equal(under[clear], ds.in_object.values[clear])
+    phase = np.angle(truth.transmission.values)
+    k = 2 * math.pi / LAM
+    np.testing.assert_allclose(phase, np.angle(np.exp(-1j * k * 1e-5 * truth.thickness_m.values)), atol=1e-9)
 
 
 def test_fly_scan_averages_sub_exposures_along_the_line():

@@ -105,10 +105,14 @@ class PtychoSample:
         if y.size == 0:
             return total, footprint
         y_lo, y_hi, x_lo, x_hi = y.min(), y.max(), x.min(), x.max()
-        for (cy, cx), (a, b, c), angle, rho in zip(self.centers_m, self.semi_axes_m, self.angles_rad, self.densities):
-            reach = max(a, b)
-            if cy + reach < y_lo or cy - reach > y_hi or cx + reach < x_lo or cx - reach > x_hi:
-                continue
+        reach = self.semi_axes_m[:, :2].max(axis=1) if len(self.densities) else np.zeros(0)
+        cy_all, cx_all = self.centers_m[:, 0], self.centers_m[:, 1]
+        # Only particles whose bounding square meets the grid's: a patch sees a handful.
+        near = np.flatnonzero(
+            (cy_all + reach >= y_lo) & (cy_all - reach <= y_hi) & (cx_all + reach >= x_lo) & (cx_all - reach <= x_hi)
+        )
+        for i in near:
+            (cy, cx), (a, b, c), angle, rho = self.centers_m[i], self.semi_axes_m[i], self.angles_rad[i], self.densities[i]
             cos, sin = math.cos(angle), math.sin(angle)
             dx, dy = x - cx, y - cy
             u, v = dx * cos + dy * sin, -dx * sin + dy * cos
@@ -483,6 +487,38 @@ def simulate_ptycho(
         },
     }
     return validate(xr.Dataset(data, attrs=attrs))
+
+
+def object_ground_truth(ds: xr.Dataset, pixel_m: float | None = None) -> xr.Dataset:
+    """The phantom of a `simulate_ptycho` stack over its scanned field: transmission and footprint.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A stack made by `simulate_ptycho`.
+    pixel_m : float, optional
+        Sampling of the maps, metres; defaults to the object-plane pixel of the frames.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``transmission`` (complex, y_m × x_m), ``footprint`` (bool: True on a cell, the ground
+        truth of a region-of-interest selection) and ``thickness_m``, on coordinates ``y_m``
+        and ``x_m`` in the frame of ``scan_y``/``scan_x``.
+    """
+    sample = ptycho_sample(ds)
+    step = float(pixel_m) if pixel_m is not None else float(min(ds.attrs["object_pixel_m"]))
+    height, width = ds.attrs["simulation"]["sample"]["extent_m"]
+    y = np.arange(-height / 2, height / 2 + step / 2, step)
+    x = np.arange(-width / 2, width / 2 + step / 2, step)
+    thickness, footprint = sample.thickness(y[:, None], x[None, :])
+    k = 2.0 * math.pi / sample.wavelength_m
+    transmission = np.exp(-k * (sample.beta + 1j * sample.delta) * thickness)
+    dims = ("y_m", "x_m")
+    return xr.Dataset(
+        {"transmission": (dims, transmission), "footprint": (dims, footprint), "thickness_m": (dims, thickness)},
+        coords={"y_m": y, "x_m": x},
+    )
 
 
 def ptycho_sample(ds: xr.Dataset) -> PtychoSample:
