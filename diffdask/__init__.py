@@ -2,6 +2,7 @@
 
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
+from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -27,11 +28,15 @@ from diffdask.io import (
     save_results,
     store_info,
 )
+from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
 from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMC2D",
+    "EMCDetector",
+    "EMCResult",
     "BackendError",
     "ClusterError",
     "DiffdaskError",
@@ -46,6 +51,7 @@ __all__ = [
     "StoreFormatError",
     "StoreNotFoundError",
     "__version__",
+    "bootstrap",
     "connect",
     "detector_mask",
     "generate_frames",
@@ -59,6 +65,8 @@ __all__ = [
     "open_hdf5",
     "open_results",
     "pair_blocks",
+    "read_emc",
+    "read_emc_output",
     "reduce_frames",
     "save_frames",
     "save_results",
@@ -67,4 +75,6 @@ __all__ = [
     "simulate_spi",
     "store_info",
     "validate",
+    "write_emc",
+    "write_emc_output",
 ]

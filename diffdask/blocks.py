@@ -261,6 +261,42 @@ def reduce_frames(
     return result
 
 
+def tree_combine(
+    parts: Sequence[Any],
+    combine: Callable[[Sequence[Any]], Any] | None = None,
+    split_every: int = 8,
+) -> Any:
+    """Combine lazy partial results (``dask.delayed`` objects) in a tree, in list order.
+
+    For iterative algorithms whose per-chunk state lives in persisted delayed objects rather
+    than a Dask array (EMC keeps sparse photon chunks on the workers).
+
+    Parameters
+    ----------
+    parts : sequence of dask.delayed.Delayed
+        Partial results, each a dict of arrays for the default ``combine``.
+    combine : callable, optional
+        Merges a list of partials; element-wise sum of dicts by default.
+    split_every : int
+        Fan-in of the tree (≥ 2).
+
+    Returns
+    -------
+    dask.delayed.Delayed
+    """
+    import dask
+
+    if int(split_every) < 2:
+        raise ParameterError(f"split_every must be ≥ 2, got {split_every}.")
+    if not parts:
+        raise ParameterError("tree_combine needs at least one partial result.")
+    combine = combine or _sum_partials
+    level = list(parts)
+    while len(level) > 1:
+        level = [dask.delayed(combine)(level[j : j + split_every]) for j in range(0, len(level), split_every)]
+    return level[0]
+
+
 def _swap_leading(x: Any) -> Any:
     return x.swapaxes(0, 1)
 
