@@ -39,9 +39,17 @@ _PER_FRAME = ("scale", "orientation", "occupancy", "likelihood", "mutual_info", 
 
 
 def _to_counts(block: np.ndarray, pixels: np.ndarray) -> sp.csr_matrix:
+    """Photon counts of a block of frames on the EMC pixels, as float64 CSR.
+
+    NaN/inf and negative values carry no photons and are dropped.
+    """
     flat = np.asarray(block).reshape(block.shape[0], -1)[:, pixels]
-    flat = np.where(np.isfinite(flat) & (flat > 0), flat, 0) if flat.dtype.kind == "f" else np.maximum(flat, 0)
-    return sp.csr_matrix(flat.astype(np.float64))
+    if flat.dtype.kind == "f":
+        flat = np.where(np.isfinite(flat) & (flat > 0), flat, 0)
+    elif flat.dtype.kind == "i":
+        flat = np.maximum(flat, 0)
+    counts = sp.csr_matrix(flat)
+    return counts.astype(np.float64)
 
 
 def _select(part: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

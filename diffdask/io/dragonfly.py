@@ -140,7 +140,8 @@ class _SparseFrames:
                 f"pixel, more than {self.dtype} can hold; the file is corrupt or not photon counts."
             )
         out = np.zeros((rows.shape[0], self.frame_shape[0] * self.frame_shape[1]), dtype=self.dtype)
-        out[:, self.grid_index] = rows.toarray()
+        coo = rows.tocoo()
+        out[coo.row, self.grid_index[coo.col]] = coo.data
         return out.reshape(rows.shape[0], *self.frame_shape)[(slice(None), *key[1:])]
 
 
