@@ -16,6 +16,8 @@ from rich.table import Table
 from diffdask.errors import DiffdaskError
 
 console = Console()
+#: Seconds the command line waits for a remote scheduler.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def _fail_clearly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,10 +49,11 @@ workers_option = click.option(
 def _client(scheduler: str | None, workers: int | None) -> Any:
     from diffdask.cluster import connect
 
+    # A few seconds is plenty for a reachable scheduler; a wrong address must fail fast, not hang.
     if scheduler and (scheduler.endswith(".json")):
-        client = connect(scheduler_file=scheduler)
+        client = connect(scheduler_file=scheduler, timeout=CONNECT_TIMEOUT_S)
     else:
-        client = connect(address=scheduler, n_workers=workers)
+        client = connect(address=scheduler, n_workers=workers, timeout=CONNECT_TIMEOUT_S)
     try:
         console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
         yield client
@@ -436,6 +439,44 @@ def simulate_bragg_command(store: str, n_frames: int, seed: int, shape: int, pix
                         max_tilt_deg=max_tilt, beam_center_jitter_px=center_jitter, noise=not no_noise,
                         seed=seed, chunks=batch_frames)
     _write_simulation(ds, store, batch_frames, overwrite, scheduler, workers)
+
+
+@main.command(name="run")
+@click.argument("pipeline_file", metavar="PIPELINE.yaml")
+@scheduler_option
+@workers_option
+@_fail_clearly
+def run_command(pipeline_file: str, scheduler: str | None, workers: int | None) -> None:
+    """Run a declared pipeline over many inputs; re-running skips what is done.
+
+    Exit status 1 when some input failed (the others are processed and reported).
+    """
+    from diffdask.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(pipeline_file)
+    total = len(pipeline.inputs) * len(pipeline.steps)
+    console.print(f"{len(pipeline.inputs)} inputs × {len(pipeline.steps)} steps", highlight=False)
+    seen = []
+
+    def show(entry: Any) -> None:
+        seen.append(entry)
+        colour = {"done": "green", "skipped": "cyan", "failed": "red", "not run": "yellow"}[entry.status]
+        console.print(
+            f"[{len(seen)}/{total}] {entry.source} · {entry.step}: [{colour}]{entry.status}[/] {entry.message}",
+            highlight=False,
+        )
+
+    with _client(scheduler, workers):
+        report = run_pipeline(pipeline, on_step=show)
+    table = Table(title="pipeline summary")
+    for column in ("input", "step", "status", "seconds", "result"):
+        table.add_column(column)
+    for entry in report.steps:
+        table.add_row(entry.source, entry.step, entry.status, f"{entry.seconds:.1f}", entry.message)
+    console.print(table)
+    if report.failed_inputs:
+        console.print(f"[red]{len(report.failed_inputs)} input(s) failed[/]: {', '.join(report.failed_inputs)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
