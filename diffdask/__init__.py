@@ -2,6 +2,15 @@
 
 from diffdask.blocks import map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
+from diffdask.commonlines import (
+    CLPCA,
+    AbsoluteEmbedding,
+    cc_matrix,
+    clpca,
+    embed,
+    line_samples,
+    rotation_invariant_features,
+)
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -31,6 +40,8 @@ from diffdask.io import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLPCA",
+    "AbsoluteEmbedding",
     "BackendError",
     "ClusterError",
     "DiffdaskError",
@@ -44,10 +55,14 @@ __all__ = [
     "StoreFormatError",
     "StoreNotFoundError",
     "__version__",
+    "cc_matrix",
+    "clpca",
     "connect",
+    "embed",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
+    "line_samples",
     "list_results",
     "make_frame_stack",
     "map_frames",
@@ -56,6 +71,7 @@ __all__ = [
     "open_results",
     "pair_blocks",
     "reduce_frames",
+    "rotation_invariant_features",
     "save_frames",
     "save_results",
     "store_info",

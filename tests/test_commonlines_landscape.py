@@ -149,3 +149,30 @@ def test_absolute_embedding_places_held_out_averages_near_their_class(landscape,
         assert torch.equal(value, second.state[name])
     with pytest.raises(dd.ParameterError, match="trained on 48"):
         model.transform(np.ones((2, 40, 40)))
+
+
+def test_cli_writes_matrix_embedding_and_figure(cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from diffdask.cli import main
+
+    averages, labels = simulated_averages(6, seed=4)
+    store = tmp_path / "averages.zarr"
+    dd.save_frames(dd.make_frame_stack(averages, per_frame={"label": labels}), store, batch_frames=10)
+    runner = CliRunner()
+    args = ["commonlines", str(store), "--angles", "30", "--mask-radius", "3", "--color-by", "label",
+            "--block-size", "8", "--absolute", str(tmp_path / "abs.pt"), "--scheduler", cluster.scheduler_address]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = dd.open_results(store, "commonlines")
+    expected = cc_matrix(averages, 30, 3).compute()
+    np.testing.assert_array_equal(saved.cc.values, expected)
+    np.testing.assert_allclose(saved.clpca.values, clpca(expected).coordinates)
+    assert saved.attrs["n_angles"] == 30 and "commonlines" in dd.list_results(store)
+    assert (tmp_path / "averages-clpca.png").stat().st_size > 1000
+    assert AbsoluteEmbedding.load(tmp_path / "abs.pt").validation_mse_.shape == (3,)
+
+    bad = runner.invoke(main, ["commonlines", str(store), "--mask-radius", "30"])
+    assert bad.exit_code == 2 and "mask_radius" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(main, ["commonlines", str(store), "--mask-radius", "3", "--color-by", "nope"])
+    assert bad.exit_code == 2 and "label" in bad.output
