@@ -62,14 +62,48 @@ def interp_and_reference(request):
     return request.param, reference_cc(AVERAGES, A, R, request.param)
 
 
+@pytest.mark.parametrize("screen", [True, False])
 @pytest.mark.parametrize("block_size", [1, 2, 3, 7])
-def test_cc_matrix_equals_the_pairwise_loop_for_any_block_size(interp_and_reference, block_size):
+def test_cc_matrix_equals_the_pairwise_loop_for_any_block_size(interp_and_reference, block_size, screen):
     interp, ref = interp_and_reference
-    cc = cc_matrix(AVERAGES, A, R, interp, block_size=block_size)
+    cc = cc_matrix(AVERAGES, A, R, interp, block_size=block_size, screen=screen)
     assert cc.dtype == np.float64 and cc.chunks[0][0] == block_size
     got = cc.compute(scheduler="sync")
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
     assert np.array_equal(got, got.T) and np.all(np.diag(got) == 1.0)
+
+
+def test_near_ties_fall_back_to_float64_products(monkeypatch):
+    from diffdask.commonlines import ccmatrix
+
+    dense, original = [], ccmatrix._dense_max
+    monkeypatch.setattr(ccmatrix, "_dense_max", lambda r, w: dense.append(r.shape) or original(r, w))
+    y, x = np.indices((S, S)) - S // 2
+    radial = np.stack([np.cos(np.hypot(y, x) * f) + 2 for f in (0.5, 0.7, 0.9)])  # same along every line
+    got = cc_matrix(radial, A, R, "bilinear", block_size=2).compute(scheduler="sync")
+    np.testing.assert_allclose(got, reference_cc(radial, A, R, "bilinear"), rtol=0, atol=1e-12)
+    assert dense  # every angle pair ties: the screen gave way to the dense float64 product
+
+
+def test_low_rank_screening_keeps_the_exact_maximum():
+    from diffdask.commonlines.ccmatrix import _screen_vectors, normalised_lines
+    from diffdask.commonlines.lines import as_average_stack, sampling_inputs
+
+    y, x = np.indices((40, 40)) - 20.0
+    smooth = []
+    for k in range(6):  # anisotropic Gaussians at several angles: smooth, low-rank lines
+        t = 0.4 * k
+        u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
+        smooth.append(np.exp(-(u / (6 + k)) ** 2 - (v / 3) ** 2) + 0.3 * np.exp(-(u**2 + v**2) / 150))
+    smooth = np.stack(smooth)
+    grid = line_grid(40, 12, 3)
+    _, kwargs = sampling_inputs(as_average_stack(smooth), grid, "bilinear")
+    lines = normalised_lines(smooth, dtype=np.float64, **kwargs)["lines"][:, 0, 0].reshape(-1, grid.shape[-1])
+    rank = _screen_vectors(lines, lines, 12)[-1]
+    assert rank <= grid.shape[-1] // 2  # the low-rank path is the one taken
+    for block_size in (2, 6):
+        got = cc_matrix(smooth, 12, 3, "bilinear", block_size=block_size).compute(scheduler="sync")
+        np.testing.assert_allclose(got, reference_cc(smooth, 12, 3, "bilinear"), rtol=0, atol=1e-12)
 
 
 def test_line_samples_follow_dragonflys_convention():

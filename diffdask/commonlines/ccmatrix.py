@@ -27,6 +27,16 @@ from diffdask.geometry import Geometry
 STEP_BYTES = 64 * 2**20
 #: A line whose spread about its mean is below this fraction of its norm counts as constant.
 CONSTANT_LINE = 1e-12
+#: Float32 screening: safety factor on the rounding bound; the largest fraction of angle
+#: pairs kept as candidates (over a step) before the step is recomputed densely in float64
+#: (a gathered dot product costs ~20 GEMM flops each); candidates recomputed per batch.
+SCREEN_SAFETY = 2.0
+SCREEN_CANDIDATES = 1 / 64
+GATHER = 16384
+#: Low-rank screening: the rank leaves at most this residual norm in the lines of this
+#: quantile of the averages (a unit line's residual e widens the candidate band by ~2e²).
+SCREEN_RESIDUAL = 0.01
+SCREEN_QUANTILE = 0.9
 #: Target bytes of one block of normalised lines (sets the default block size).
 BLOCK_BYTES = 32 * 2**20
 
@@ -100,6 +110,97 @@ def _pearson(a: Any, b: Any, min_overlap: int) -> Any:
     return xp.where(good, r, -xp.inf)
 
 
+def _dense_max(r: Any, with_angles: bool) -> tuple[Any, Any, Any]:
+    """Max of correlations ``r`` (s, A, n_j, A) over both angle axes, and where (or None)."""
+    xp = array_namespace(r)
+    over_b = r.max(axis=3)
+    best = over_b.max(axis=1)
+    if not with_angles:
+        return best, None, None
+    ia = over_b.argmax(axis=1)
+    ib = xp.take_along_axis(r.argmax(axis=3), ia[:, None, :], axis=1)[:, 0]
+    return best, ia, ib
+
+
+def _screen_vectors(a: Any, b: Any, n_a: int) -> tuple[Any, Any, Any, Any, int]:
+    """Low-rank float32 surrogates of unit lines ``a`` (p, L) and ``b`` (q, L) for screening.
+
+    Both sets of lines are written in the leading eigenvectors of their joint Gram matrix
+    (the tile's own principal radial profiles), x = x̃ + r with ‖r‖ = e. Appending e to the
+    coefficients, [x̃, e_x]·[ỹ, e_y] = x̃·ỹ + e_x·e_y ≥ x·y ≥ x̃·ỹ − e_x·e_y, so one GEMM of
+    rank k + 1 bounds every correlation from above within 2·e_x·e_y. The rank is the
+    smallest that leaves SCREEN_RESIDUAL of most averages' lines; when that needs more than
+    half of L, the lines themselves are used (k = L, e = 0).
+
+    Returns
+    -------
+    a_screen, b_screen : array, float32, shape (p, k + 1), (q, k + 1)
+    e_a, e_b : array, shape (p // n_a,), (q // n_a,)
+        Largest residual norm over the lines of each average.
+    k : int
+    """
+    xp = array_namespace(a)
+    n_l = a.shape[1]
+    _, vectors = xp.linalg.eigh(a.T @ a + b.T @ b)
+    vectors = vectors[:, ::-1]
+    coef_a, coef_b = a @ vectors, b @ vectors
+    # Residual energy beyond rank k, summed from the tail: no cancellation in 1 − ‖x̃‖².
+    tail_a = xp.sqrt(xp.cumsum((coef_a * coef_a)[:, ::-1], axis=1)[:, ::-1])
+    per_average = tail_a.reshape(-1, n_a, n_l).max(axis=1)
+    fits = xp.flatnonzero(xp.quantile(per_average, SCREEN_QUANTILE, axis=0) <= SCREEN_RESIDUAL)
+    k = int(fits[0]) if fits.size else n_l
+    if k > n_l // 2:
+        zeros = xp.zeros(a.shape[0] // n_a), xp.zeros(b.shape[0] // n_a)
+        return a.astype(xp.float32), b.astype(xp.float32), *zeros, n_l
+    tail_b = xp.sqrt(xp.cumsum((coef_b[:, k:] * coef_b[:, k:])[:, ::-1], axis=1)[:, -1])
+    e_a, e_b = tail_a[:, k], tail_b
+    a_screen = xp.concatenate([coef_a[:, :k], e_a[:, None]], axis=1).astype(xp.float32)
+    b_screen = xp.concatenate([coef_b[:, :k], e_b[:, None]], axis=1).astype(xp.float32)
+    return a_screen, b_screen, e_a.reshape(-1, n_a).max(axis=1), e_b.reshape(-1, n_a).max(axis=1), k
+
+
+def _screened_max(
+    lhs: Any, rhs: Any, lhs_screen: Any, rhs_screen: Any, e_lhs: Any, e_rhs: Any, k: int, n_a: int, with_angles: bool
+) -> tuple[Any, Any, Any]:
+    """`_dense_max` of unit lines ``lhs`` · ``rhs`` (float64), from screening surrogates.
+
+    U = surrogate products (`_screen_vectors`) bound the correlations c from above, within
+    2·e_x·e_y, and float32 adds at most δ = 2·(k + 3)·2⁻²⁴ (vectors of norm ≤ √2). Hence the
+    exact maximum of a pair (i, j) lies among the angle pairs with U ≥ max U − 2·E_i·E_j − 2δ
+    (E the largest residual of an average's lines). Only those candidates are recomputed in
+    float64: the result is the float64 one at the cost of a rank-(k + 1) float32 GEMM. When
+    near-ties make candidates too many (e.g. two spheres), the step is computed densely.
+    """
+    xp = array_namespace(lhs)
+    s, n_j = lhs.shape[0] // n_a, rhs.shape[0] // n_a
+    upper = (lhs_screen @ rhs_screen.T).reshape(s, n_a, n_j, n_a)
+    margin = 2 * e_lhs[:, None] * e_rhs[None, :] + SCREEN_SAFETY * (k + 3) * float(xp.finfo(xp.float32).eps)
+    over_b = upper.max(axis=3)
+    floor = over_b.max(axis=1) - margin
+    # Candidates found line by line of ``lhs`` first: a comparison over A× fewer values.
+    i, p, j = xp.nonzero(over_b >= floor[:, None, :])
+    hit, q = xp.nonzero(upper[i, p, j] >= floor[i, j][:, None])
+    i, p, j = i[hit], p[hit], j[hit]
+    if i.size > SCREEN_CANDIDATES * s * n_j * n_a * n_a:
+        return _dense_max((lhs @ rhs.T).reshape(s, n_a, n_j, n_a), with_angles)
+    rows, cols = i * n_a + p, j * n_a + q
+    exact = xp.concatenate(
+        [
+            xp.einsum("kl,kl->k", lhs[rows[c : c + GATHER]], rhs[cols[c : c + GATHER]])
+            for c in range(0, rows.size, GATHER)
+        ]
+    )
+    pair = i * n_j + j
+    # Sorted by pair, best first; ties keep the lowest (θ, θ′) as the dense argmax does.
+    order = xp.lexsort(xp.stack([-exact, pair]))
+    starts = xp.flatnonzero(xp.diff(pair[order], prepend=-1))[: s * n_j]
+    first = order[starts]
+    best = exact[first].reshape(s, n_j)
+    if not with_angles:
+        return best, None, None
+    return best, p[first].reshape(s, n_j), q[first].reshape(s, n_j)
+
+
 def cc_tile(
     a: Any,
     b: Any,
@@ -109,6 +210,7 @@ def cc_tile(
     tilts: np.ndarray,
     with_angles: bool,
     min_overlap: int,
+    screen: bool,
 ) -> dict[str, Any]:
     """The tile kernel: best common-line correlation of every average in ``a`` with ``b``.
 
@@ -126,6 +228,10 @@ def cc_tile(
         Also return the maximising angles.
     min_overlap : int
         Masked Pearson: fewest jointly measured samples of a counted pair of lines.
+    screen : bool
+        Unmasked lines: find the maximum from low-rank float32 upper bounds and recompute
+        its candidates in the lines' precision (`_screened_max`); the result is that of the
+        dense product.
 
     Returns
     -------
@@ -137,6 +243,7 @@ def cc_tile(
     xp = array_namespace(a)
     n_i, n_j = a.shape[0], b.shape[0]
     n_c, n_a, n_l = a.shape[1], a.shape[3], a.shape[4]
+    screen = screen and n_c == 1
     best = xp.full((n_i, n_j), -xp.inf, dtype=a.dtype)
     where = xp.zeros((n_i, n_j, 3), dtype=xp.float64) if with_angles else None
     # Rows of ``a`` are taken in groups small enough that a step's correlations (and the
@@ -146,19 +253,24 @@ def cc_tile(
     angles_x = xp.asarray(angles)
     for ta, tb in tilt_pairs:
         rhs = xp.ascontiguousarray(b[:, :, tb].transpose(1, 0, 2, 3)).reshape(n_c, n_j * n_a, n_l)
+        if screen:
+            lhs_all = xp.ascontiguousarray(a[:, 0, ta]).reshape(n_i * n_a, n_l)
+            a_screen, b_screen, e_a, e_b, rank = _screen_vectors(lhs_all, rhs[0], n_a)
         for start in range(0, n_i, step):
             stop = min(start + step, n_i)
             lhs = xp.ascontiguousarray(a[start:stop, :, ta].transpose(1, 0, 2, 3)).reshape(
                 n_c, (stop - start) * n_a, n_l
             )
-            r = _pearson(lhs, rhs, min_overlap).reshape(stop - start, n_a, n_j, n_a)
-            over_b = r.max(axis=3)
-            m = over_b.max(axis=1)
+            if screen:
+                m, ia, ib = _screened_max(
+                    lhs[0], rhs[0], a_screen[start * n_a : stop * n_a], b_screen, e_a[start:stop], e_b, rank, n_a,
+                    with_angles,
+                )
+            else:
+                m, ia, ib = _dense_max(_pearson(lhs, rhs, min_overlap).reshape(stop - start, n_a, n_j, n_a), with_angles)
             better = m > best[start:stop]
             best[start:stop] = xp.where(better, m, best[start:stop])
             if with_angles:
-                ia = over_b.argmax(axis=1)
-                ib = xp.take_along_axis(r.argmax(axis=3), ia[:, None, :], axis=1)[:, 0]
                 found = xp.stack([angles_x[ia], angles_x[ib], xp.full(ia.shape, float(tilts[ta]))], axis=-1)
                 where[start:stop] = xp.where(better[..., None], found, where[start:stop])
     out = {"cc": xp.where(xp.isneginf(best), xp.nan, best)}
@@ -204,6 +316,7 @@ def cc_matrix(
     min_overlap: int = 10,
     block_size: int | None = None,
     dtype: Any = np.float64,
+    screen: bool = True,
     return_angles: bool = False,
 ) -> Any:
     """The common-line cross-correlation matrix of a stack of averages, lazily.
@@ -237,7 +350,13 @@ def cc_matrix(
         Averages per tile side; by default about 32 MiB of lines per block. The result does
         not depend on it.
     dtype : {float64, float32}
-        Arithmetic and output type; float32 roughly halves the time (CC to ~1e-6).
+        Output type. float64 is exact (to rounding); float32 is faster where float32 GEMMs
+        are (CC to ~1e-5).
+    screen : bool
+        Without a mask: bound every correlation from above with a low-rank float32 product
+        (the lines in their own principal radial profiles, plus the residual norms) and
+        recompute in full precision only the angle pairs that can hold the maximum — the
+        dense result, exactly, for a fraction of the work. False computes every correlation.
     return_angles : bool
         Also return the maximising angles.
 
@@ -292,6 +411,7 @@ def cc_matrix(
             "tilts": grid.tilts_rad,
             "with_angles": bool(return_angles),
             "min_overlap": int(min_overlap),
+            "screen": bool(screen),
         },
         mirror={"angles": _mirror_angles} if return_angles else None,
         name="cc-matrix",
