@@ -203,6 +203,7 @@ def info(store: str, as_json: bool) -> None:
     "--absolute", default=None, metavar="PT",
     help="Also train the absolute embedding and save it here (weights + JSON sidecar).",
 )
+@click.option("--epochs", type=int, default=300, show_default=True, help="Training passes of --absolute.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier results/commonlines.")
 @scheduler_option
 @workers_option
@@ -217,6 +218,7 @@ def commonlines(
     color_by: str | None,
     figure: str | None,
     absolute: str | None,
+    epochs: int,
     overwrite: bool,
     scheduler: str | None,
     workers: int | None,
@@ -259,7 +261,7 @@ def commonlines(
         )
         save_results(result, store, "commonlines", overwrite=overwrite)
         if absolute is not None:
-            model = AbsoluteEmbedding(mask_radius=mask_radius).fit(ds, space.coordinates)
+            model = AbsoluteEmbedding(mask_radius=mask_radius, epochs=epochs).fit(ds, space.coordinates)
             model.save(absolute)
             console.print(
                 f"absolute embedding saved to {absolute}; validation MSE per component "

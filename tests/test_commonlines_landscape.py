@@ -161,12 +161,13 @@ def test_cli_writes_matrix_embedding_and_figure(cluster, tmp_path):
     dd.save_frames(dd.make_frame_stack(averages, per_frame={"label": labels}), store, batch_frames=10)
     runner = CliRunner()
     args = ["commonlines", str(store), "--angles", "30", "--mask-radius", "3", "--color-by", "label",
-            "--block-size", "8", "--absolute", str(tmp_path / "abs.pt"), "--scheduler", cluster.scheduler_address]
+            "--block-size", "8", "--absolute", str(tmp_path / "abs.pt"), "--epochs", "20",
+            "--scheduler", cluster.scheduler_address]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     saved = dd.open_results(store, "commonlines")
     expected = cc_matrix(averages, 30, 3).compute()
-    np.testing.assert_array_equal(saved.cc.values, expected)
+    np.testing.assert_allclose(saved.cc.values, expected, rtol=0, atol=1e-14)
     np.testing.assert_allclose(saved.clpca.values, clpca(expected).coordinates)
     assert saved.attrs["n_angles"] == 30 and "commonlines" in dd.list_results(store)
     assert (tmp_path / "averages-clpca.png").stat().st_size > 1000

@@ -176,6 +176,9 @@ class AbsoluteEmbedding:
     seed : int
         Seeds the split, the initial weights and the batch order: the same seed gives the
         same network.
+    threads : int
+        torch threads while training. A network this small gains nothing from more, and on
+        a node shared with Dask workers extra spinning threads made training ~20× slower.
 
     Attributes
     ----------
@@ -205,11 +208,12 @@ class AbsoluteEmbedding:
         weight_decay: float = 1e-4,
         validation_fraction: float = 0.2,
         seed: int = 0,
+        threads: int = 1,
     ) -> None:
         if not 0 < float(validation_fraction) < 1:
             raise ParameterError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}.")
-        if int(epochs) < 1 or int(batch_size) < 1 or not all(int(h) >= 1 for h in hidden):
-            raise ParameterError("epochs, batch_size and hidden layer widths must be ≥ 1.")
+        if int(epochs) < 1 or int(batch_size) < 1 or int(threads) < 1 or not all(int(h) >= 1 for h in hidden):
+            raise ParameterError("epochs, batch_size, threads and hidden layer widths must be ≥ 1.")
         self.params = {
             "mask_radius": float(mask_radius),
             "n_radii": n_radii,
@@ -221,6 +225,7 @@ class AbsoluteEmbedding:
             "weight_decay": float(weight_decay),
             "validation_fraction": float(validation_fraction),
             "seed": int(seed),
+            "threads": int(threads),
         }
         self.size: int | None = None
         self.n_components: int | None = None
@@ -290,21 +295,12 @@ class AbsoluteEmbedding:
         y_std = np.where(y_std > 0, y_std, 1.0)
         x = torch.as_tensor((logs - x_mean) / x_std, dtype=torch.float32)
         t = torch.as_tensor((y - y_mean) / y_std, dtype=torch.float32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.params["seed"])
-            net = self._network(x.shape[1], y.shape[1])
-            optimiser = torch.optim.Adam(
-                net.parameters(), lr=self.params["learning_rate"], weight_decay=self.params["weight_decay"]
-            )
-            shuffle = torch.Generator().manual_seed(self.params["seed"])
-            train_t = torch.as_tensor(train)
-            for _ in range(self.params["epochs"]):
-                for batch in train_t[torch.randperm(len(train), generator=shuffle)].split(self.params["batch_size"]):
-                    optimiser.zero_grad()
-                    loss = torch.nn.functional.mse_loss(net(x[batch]), t[batch])
-                    loss.backward()
-                    optimiser.step()
-        self.state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.params["threads"])
+        try:
+            self.state = self._train(x, t, train)
+        finally:
+            torch.set_num_threads(threads)
         self.state.update(
             {
                 name: torch.as_tensor(np.atleast_1d(value), dtype=torch.float64)
@@ -318,6 +314,27 @@ class AbsoluteEmbedding:
         self.validation_mse_ = ((predicted[val] - y[val]) ** 2).mean(0)
         self.training_mse_ = ((predicted[train] - y[train]) ** 2).mean(0)
         return self
+
+    def _train(self, x: Any, t: Any, train: np.ndarray) -> dict[str, Any]:
+        """Adam on mini-batches of the training rows of ``x`` → ``t``; the trained state dict."""
+        import torch
+
+        # A private RNG stream: the seed fixes the weights without touching the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.params["seed"])
+            net = self._network(x.shape[1], t.shape[1])
+            optimiser = torch.optim.Adam(
+                net.parameters(), lr=self.params["learning_rate"], weight_decay=self.params["weight_decay"]
+            )
+            shuffle = torch.Generator().manual_seed(self.params["seed"])
+            rows = torch.as_tensor(train)
+            for _ in range(self.params["epochs"]):
+                for batch in rows[torch.randperm(len(train), generator=shuffle)].split(self.params["batch_size"]):
+                    optimiser.zero_grad()
+                    loss = torch.nn.functional.mse_loss(net(x[batch]), t[batch])
+                    loss.backward()
+                    optimiser.step()
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     # ------------------------------------------------------------------ inference
     def _require_fitted(self) -> None:
