@@ -130,6 +130,9 @@ def test_masked_pearson_equals_the_loop_over_jointly_measured_samples():
         for block_size in (2, 7):
             got = cc_matrix(data, A, R, interp, mask=masks, min_overlap=6, block_size=block_size).compute()
             np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    sampled = line_samples(data, A, R, "bilinear", mask=masks).compute()
+    spill = np.stack([reference_lines((~m).astype(float), A, R, "bilinear") for m in masks])
+    np.testing.assert_array_equal(np.isnan(sampled), spill >= 1e-12)  # NaN = not measured
     gap = np.where(masks[0], AVERAGES[:4], np.nan)
     shared = cc_matrix(gap, A, R, mask=masks[0], min_overlap=6, block_size=3).compute()
     ref = reference_cc(gap, A, R, "nearest", masks=np.broadcast_to(masks[0], gap.shape), min_overlap=6)
