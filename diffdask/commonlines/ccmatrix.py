@@ -12,8 +12,8 @@ Only the maximum is wanted, so by default (unmasked lines) a tile is screened fi
 lines, written in the tile's leading principal radial profiles plus their residual norm,
 give in one low-rank float32 GEMM an upper bound of every correlation with a proven error
 bound; only the angle pairs that can hold a pair's maximum are then recomputed in full
-precision. The result is the dense one (same float64 values), for about a third of the
-work on oversampled averages; near-ties fall back to the dense product.
+precision. The result is the dense one (float64, equal to rounding, ~1e-15) for about a
+third of the work on oversampled averages; near-ties fall back to the dense product.
 """
 
 from __future__ import annotations
@@ -363,7 +363,8 @@ def cc_matrix(
         Without a mask: bound every correlation from above with a low-rank float32 product
         (the lines in their own principal radial profiles, plus the residual norms) and
         recompute in full precision only the angle pairs that can hold the maximum — the
-        dense result, exactly, for a fraction of the work. False computes every correlation.
+        dense result (to rounding) for a fraction of the work. False computes every
+        correlation.
     return_angles : bool
         Also return the maximising angles.
 
