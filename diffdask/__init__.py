@@ -3,6 +3,15 @@
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
+from diffdask.commonlines import (
+    CLPCA,
+    AbsoluteEmbedding,
+    cc_matrix,
+    clpca,
+    embed,
+    line_samples,
+    rotation_invariant_features,
+)
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -37,6 +46,8 @@ __all__ = [
     "EMC2D",
     "EMCDetector",
     "EMCResult",
+    "CLPCA",
+    "AbsoluteEmbedding",
     "BackendError",
     "ClusterError",
     "DiffdaskError",
@@ -55,9 +66,14 @@ __all__ = [
     "connect",
     "detector_mask",
     "generate_frames",
+    "cc_matrix",
+    "clpca",
+    "connect",
+    "embed",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
+    "line_samples",
     "list_results",
     "make_frame_stack",
     "map_frames",
@@ -68,6 +84,7 @@ __all__ = [
     "read_emc",
     "read_emc_output",
     "reduce_frames",
+    "rotation_invariant_features",
     "save_frames",
     "save_results",
     "simulate_bragg",
