@@ -23,7 +23,6 @@ from diffdask.blocks import map_frames
 from diffdask.errors import ParameterError, SchemaError
 from diffdask.frames import get_geometry, get_mask, validate
 from diffdask.ml.models import ModelFileError, ModelSpec, load_model
-from diffdask.ml.nets import ARCHITECTURES
 from diffdask.ml.preprocess import Preprocess
 
 _MODELS: dict[tuple[str, float, str], tuple[Any, ModelSpec]] = {}
@@ -102,6 +101,8 @@ def _predict_kernel(
                     y = out if y is None else y + out
                 outs.append((y / len(views)).double().cpu().numpy())
         result = np.concatenate(outs) if outs else np.zeros((0, len(spec.outputs)))
+        if spec.output_std:
+            result = result * np.asarray(spec.output_std) + np.asarray(spec.output_mean)
         total = result if total is None else total + result
     return {"outputs": (total / len(paths)).astype(np.float32)}
 
@@ -156,12 +157,12 @@ def predict(
         raise ParameterError("mirroring is a test-time augmentation for classifiers only.")
     prep = Preprocess.from_dict(first.preprocess)
     frame_shape = ds["frames"].shape[1:]
-    needed = getattr(ARCHITECTURES[first.architecture], "input_shape", None)
+    needed = first.input_shape
     patch = prep.crop or frame_shape
-    if needed is not None and tuple(patch) != tuple(needed):
+    if needed and tuple(patch) != tuple(needed):
         raise SchemaError(
-            f"{first.architecture} takes {needed[0]}×{needed[1]} patches but these {frame_shape[0]}×{frame_shape[1]} "
-            f"frames give {patch[0]}×{patch[1]}; set the model's preprocessing crop to {needed}."
+            f"this {first.architecture} was trained on {needed[0]}×{needed[1]} patches but these "
+            f"{frame_shape[0]}×{frame_shape[1]} frames give {patch[0]}×{patch[1]}; resample the frames or retrain."
         )
     geometry = get_geometry(ds)
     center = geometry.beam_center_yx if geometry else ((frame_shape[0] - 1) / 2, (frame_shape[1] - 1) / 2)

@@ -40,6 +40,10 @@ class ModelSpec:
         Names of the output columns (e.g. ``["single", "other"]``).
     kind : str
         "classifier" (softmax probabilities) or "regressor" (raw values).
+    input_shape : list of int
+        ``[height, width]`` of the patches the model was trained on (empty: any).
+    output_mean, output_std : list of float
+        Regressors are trained on standardised targets; predictions are ``raw · std + mean``.
     """
 
     architecture: str
@@ -47,6 +51,9 @@ class ModelSpec:
     preprocess: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     kind: str = "classifier"
+    input_shape: list[int] = field(default_factory=list)
+    output_mean: list[float] = field(default_factory=list)
+    output_std: list[float] = field(default_factory=list)
     diffdask_version: str = ""
 
     def __post_init__(self) -> None:

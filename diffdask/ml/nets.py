@@ -73,8 +73,6 @@ class HitClassifier(nn.Module):
         LeakyReLU negative slope.
     """
 
-    input_shape = (192, 96)
-
     def __init__(
         self,
         in_channels: int = 1,
