@@ -16,6 +16,17 @@ from diffdask.errors import (
 )
 from diffdask.frames import get_geometry, get_mask, make_frame_stack, validate
 from diffdask.geometry import Geometry
+from diffdask.reduce import (
+    center_of_mass,
+    find_hits,
+    fit_sphere_diameter,
+    lit_pixels,
+    mean_profile,
+    psd_contrast,
+    radial_profile,
+    size_filter,
+    summarize,
+)
 
 __version__ = "0.1.0"
 
@@ -33,11 +44,20 @@ __all__ = [
     "StoreFormatError",
     "StoreNotFoundError",
     "__version__",
+    "center_of_mass",
+    "find_hits",
+    "fit_sphere_diameter",
     "get_geometry",
     "get_mask",
+    "lit_pixels",
     "make_frame_stack",
     "map_frames",
+    "mean_profile",
     "pair_blocks",
+    "psd_contrast",
+    "radial_profile",
     "reduce_frames",
+    "size_filter",
+    "summarize",
     "validate",
 ]
