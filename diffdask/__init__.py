@@ -1,6 +1,7 @@
 """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
 
 from diffdask.blocks import map_frames, pair_blocks, reduce_frames
+from diffdask.cluster import connect
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -16,6 +17,16 @@ from diffdask.errors import (
 )
 from diffdask.frames import get_geometry, get_mask, make_frame_stack, validate
 from diffdask.geometry import Geometry
+from diffdask.io import (
+    ingest_hdf5,
+    list_results,
+    open_frames,
+    open_hdf5,
+    open_results,
+    save_frames,
+    save_results,
+    store_info,
+)
 from diffdask.reduce import (
     center_of_mass,
     find_hits,
@@ -45,19 +56,28 @@ __all__ = [
     "StoreNotFoundError",
     "__version__",
     "center_of_mass",
+    "connect",
     "find_hits",
     "fit_sphere_diameter",
     "get_geometry",
     "get_mask",
+    "ingest_hdf5",
+    "list_results",
     "lit_pixels",
     "make_frame_stack",
     "map_frames",
     "mean_profile",
+    "open_frames",
+    "open_hdf5",
+    "open_results",
     "pair_blocks",
     "psd_contrast",
     "radial_profile",
     "reduce_frames",
+    "save_frames",
+    "save_results",
     "size_filter",
+    "store_info",
     "summarize",
     "validate",
 ]

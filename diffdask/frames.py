@@ -80,6 +80,10 @@ def make_frame_stack(
             "a single frame needs a leading axis: frames[None]."
         )
     _check_numeric(arr.dtype)
+    if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if n_bad:
+            warn_nonfinite(n_bad)
     n = chunks or frames_per_chunk(arr.shape[1:], arr.dtype)
     arr = da.asarray(arr).rechunk({0: n, 1: -1, 2: -1})
     data_vars: dict[str, Any] = {"frames": (FRAME_DIMS, arr)}
@@ -92,7 +96,7 @@ def make_frame_stack(
             )
         data_vars["mask"] = (MASK_DIMS, m.astype(bool))
     for name, value in (per_frame or {}).items():
-        v = np.asarray(value)
+        v = value.rechunk({0: n}) if isinstance(value, da.Array) else np.asarray(value)
         if v.ndim == 0 or v.shape[0] != arr.shape[0]:
             raise SchemaError(
                 f"per-frame variable {name!r} has shape {v.shape}; its first axis must have "
@@ -123,7 +127,8 @@ def validate(ds: Any) -> xr.Dataset:
 
     Checks variables, dims, dtypes, mask shape, per-frame variables and geometry attrs.
     Frames held in memory are also scanned for NaN/inf, which raises a
-    `NonFinitePixelsWarning` (they are treated as masked); lazy frames are not read.
+    `NonFinitePixelsWarning` (they are treated as masked); lazy frames are not read here
+    (`make_frame_stack` scans NumPy input, `save_frames` counts them while writing).
 
     Raises
     ------

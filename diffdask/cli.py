@@ -1,0 +1,191 @@
+"""The ``diffdask`` command: parses arguments, connects to a cluster, calls the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from diffdask.errors import DiffdaskError
+
+console = Console()
+
+
+def _fail_clearly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Show diffdask errors as one clear line and exit status 2, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DiffdaskError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(2)
+
+    return wrapper
+
+
+scheduler_option = click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    default=None,
+    help="Dask scheduler address or scheduler-file path; default: $DIFFDASK_SCHEDULER, else a local cluster.",
+)
+workers_option = click.option(
+    "--workers", type=int, default=None, help="Worker processes of the local cluster (default: one per core)."
+)
+
+
+@contextmanager
+def _client(scheduler: str | None, workers: int | None) -> Any:
+    from diffdask.cluster import connect
+
+    if scheduler and (scheduler.endswith(".json")):
+        client = connect(scheduler_file=scheduler)
+    else:
+        client = connect(address=scheduler, n_workers=workers)
+    try:
+        console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
+        yield client
+    finally:
+        client.close()
+
+
+def run_with_progress(client: Any, job: Any) -> Any:
+    """Compute a lazy job on ``client`` with a progress bar; return its result."""
+    from distributed import progress
+
+    future = client.compute(job)
+    # distributed.progress draws in a terminal or notebook; dask.diagnostics.ProgressBar
+    # would print nothing under a distributed client.
+    progress(future)
+    print(file=sys.stderr)
+    return future.result()
+
+
+@click.group()
+@click.version_option(package_name="diffdask")
+def main() -> None:
+    """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
+
+
+@main.command()
+@click.argument("src")
+@click.argument("store")
+@click.option("--dataset", default="entry_1/data_1/data", show_default=True, help="HDF5 path of the frames.")
+@click.option("--mask", "mask_path", default=None, help="HDF5 path of a mask dataset (0 = good); default: CXI mask.")
+@click.option(
+    "--per-frame",
+    "per_frame",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Carry an HDF5 dataset with one entry per frame as variable NAME (repeatable).",
+)
+@click.option("--batch-frames", type=int, default=None, help="Frames per batch/shard (default ≈ 96 MiB).")
+@click.option("--overwrite", is_flag=True, help="Replace a store that holds other data.")
+@scheduler_option
+@workers_option
+@_fail_clearly
+def ingest(
+    src: str,
+    store: str,
+    dataset: str,
+    mask_path: str | None,
+    per_frame: tuple[str, ...],
+    batch_frames: int | None,
+    overwrite: bool,
+    scheduler: str | None,
+    workers: int | None,
+) -> None:
+    """Stream the frames of an HDF5/CXI file SRC into the Zarr store STORE (resumable)."""
+    from diffdask.io import ingest_hdf5, store_info
+
+    variables = {}
+    for item in per_frame:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--per-frame")
+        variables[name] = path
+    job = ingest_hdf5(
+        src,
+        store,
+        dataset,
+        mask=mask_path,
+        per_frame=variables,
+        batch_frames=batch_frames,
+        overwrite=overwrite,
+        compute=False,
+    )
+    with _client(scheduler, workers) as client:
+        meta = run_with_progress(client, job)
+    info = store_info(store)
+    console.print(
+        f"ingested {info['n_frames']} frames {info['frame_shape']} {info['dtype']} into {store} "
+        f"(compression {info['compression_ratio']:.1f}×)",
+        highlight=False,
+    )
+    if meta.get("n_nonfinite_pixels"):
+        console.print(
+            f"[yellow]warning:[/] {meta['n_nonfinite_pixels']} NaN/inf pixels; they are treated as masked."
+        )
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_fail_clearly
+def info(store: str, as_json: bool) -> None:
+    """Describe the frame-stack store STORE (reads metadata only)."""
+    from diffdask.io import store_info
+
+    meta = store_info(store)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2, default=str))
+        return
+    table = Table(title=f"diffdask store {meta['url']}", show_header=False)
+    table.add_row("frames", f"{meta['n_frames']} × {meta['frame_shape'][0]} × {meta['frame_shape'][1]} {meta['dtype']}")
+    table.add_row(
+        "chunks", f"{meta['batch_frames']} frames per shard / Dask chunk, {meta['inner_frames']} per inner chunk"
+    )
+    table.add_row("codecs", ", ".join(meta["codecs"]))
+    table.add_row(
+        "size",
+        f"{_format_bytes(meta['nbytes'])} raw, {_format_bytes(meta['stored_bytes'])} stored "
+        f"(compression {meta['compression_ratio']:.2f}×)",
+    )
+    table.add_row("complete", "yes" if meta["complete"] else "[red]no: re-run the job that wrote it[/]")
+    if meta["n_nonfinite_pixels"]:
+        table.add_row("NaN/inf pixels", f"{meta['n_nonfinite_pixels']} (treated as masked)")
+    table.add_row("mask", "yes" if meta["has_mask"] else "none (all pixels good)")
+    g = meta["geometry"]
+    if g:
+        table.add_row(
+            "geometry",
+            f"λ = {g['wavelength_m'] * 1e10:.4g} Å, distance = {g['distance_m'] * 1e3:.4g} mm, "
+            f"pixel = {g['pixel_size_m']} m, beam centre (y, x) = {tuple(round(c, 2) for c in g['beam_center_yx'])} px",
+        )
+    else:
+        table.add_row("geometry", "none")
+    per_frame = ", ".join(f"{k} {tuple(v['dims'])} {v['dtype']}" for k, v in meta["per_frame"].items())
+    table.add_row("per-frame variables", per_frame or "none")
+    table.add_row("results", ", ".join(meta["results"]) or "none")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

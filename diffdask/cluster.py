@@ -1,0 +1,115 @@
+"""Connecting to a Dask cluster: an address, a scheduler file, or an embedded LocalCluster.
+
+Library functions never create a client; scripts, notebooks and the CLI call `connect` once.
+Deployment recipes (SLURM, Kubernetes, Gateway, CUDA nodes) live in ``cluster/`` and hand
+their scheduler address or file to `connect`, or set ``DIFFDASK_SCHEDULER``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from distributed import Client
+
+from diffdask.errors import ClusterError
+
+#: Environment variable naming the scheduler to use: an address (``tcp://host:8786``) or the
+#: path of a scheduler file (``*.json``, as written by ``dask scheduler --scheduler-file``).
+SCHEDULER_ENV = "DIFFDASK_SCHEDULER"
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def connect(
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | float = "auto",
+    processes: bool = True,
+    timeout: float = 30.0,
+    **cluster_kwargs: Any,
+) -> Client:
+    """A ``distributed.Client`` for diffdask work.
+
+    Resolution order: ``address``; ``scheduler_file``; the ``DIFFDASK_SCHEDULER`` environment
+    variable (address or scheduler-file path); else a new LocalCluster on this machine, bound to
+    127.0.0.1 (scheduler and dashboard are not reachable from the network), with
+    workers × threads = usable cores. Closing the client closes that LocalCluster.
+
+    Parameters
+    ----------
+    address : str, optional
+        Scheduler address, e.g. ``"tcp://10.0.0.5:8786"``.
+    scheduler_file : str, optional
+        Path of a scheduler JSON file (SLURM/PBS batch mode).
+    n_workers, threads_per_worker : int, optional
+        LocalCluster size; default: one single-threaded worker process per usable core on up
+        to 4 cores, else processes of 2 threads (NumPy/BLAS kernels release the GIL).
+    memory_limit : str or float
+        Memory limit per LocalCluster worker ("auto" divides the machine's memory).
+    processes : bool
+        LocalCluster workers as processes (True) or threads of this process.
+    timeout : float
+        Seconds to wait for a remote scheduler.
+    **cluster_kwargs
+        Further LocalCluster arguments.
+
+    Returns
+    -------
+    distributed.Client
+
+    Raises
+    ------
+    ClusterError
+        The scheduler cannot be reached, the scheduler file is missing, or the sizes are invalid.
+    """
+    if address is None and scheduler_file is None:
+        env = os.environ.get(SCHEDULER_ENV, "").strip()
+        if env:
+            if env.endswith(".json") or os.path.isfile(env):
+                scheduler_file = env
+            else:
+                address = env
+    if scheduler_file is not None:
+        if not os.path.isfile(scheduler_file):
+            raise ClusterError(
+                f"scheduler file {scheduler_file!r} does not exist; start the scheduler with "
+                "`dask scheduler --scheduler-file PATH` first, or unset DIFFDASK_SCHEDULER."
+            )
+        try:
+            return Client(scheduler_file=scheduler_file, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"could not reach the scheduler in {scheduler_file!r}: {exc}") from exc
+    if address is not None:
+        try:
+            return Client(address, timeout=timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ClusterError(
+                f"could not reach the Dask scheduler at {address!r} within {timeout} s: {exc}. Check the "
+                "address, that the scheduler runs, and any SSH tunnel to it."
+            ) from exc
+    cores = _usable_cores()
+    if threads_per_worker is None:
+        threads_per_worker = 1 if cores <= 4 else 2
+    if n_workers is None:
+        n_workers = max(1, cores // threads_per_worker)
+    if int(n_workers) < 1 or int(threads_per_worker) < 1:
+        raise ClusterError(f"n_workers and threads_per_worker must be ≥ 1, got {n_workers}, {threads_per_worker}.")
+    cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
+    if processes:
+        # Thread-only clusters talk in-process; process clusters must not listen beyond this machine.
+        cluster_kwargs.setdefault("host", "127.0.0.1")
+    return Client(
+        n_workers=int(n_workers),
+        threads_per_worker=int(threads_per_worker),
+        memory_limit=memory_limit,
+        processes=processes,
+        **cluster_kwargs,
+    )

@@ -1,0 +1,57 @@
+"""connect(): explicit address, scheduler file, DIFFDASK_SCHEDULER, embedded LocalCluster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffdask import ClusterError
+from diffdask.cluster import SCHEDULER_ENV, connect
+
+
+def _scheduler_address(client) -> str:
+    return client.scheduler.address
+
+
+def test_address_and_environment_reach_the_same_scheduler(cluster, monkeypatch):
+    with connect(cluster.scheduler_address) as c:
+        assert _scheduler_address(c) == cluster.scheduler_address
+        assert c.submit(sum, [1, 2, 3]).result() == 6
+    monkeypatch.setenv(SCHEDULER_ENV, cluster.scheduler_address)
+    with connect() as c:
+        assert _scheduler_address(c) == cluster.scheduler_address
+
+
+def test_scheduler_file_from_argument_and_environment(cluster, tmp_path, monkeypatch):
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"address": cluster.scheduler_address, "type": "Scheduler"}))
+    with connect(scheduler_file=str(path)) as c:
+        assert _scheduler_address(c) == cluster.scheduler_address
+    monkeypatch.setenv(SCHEDULER_ENV, str(path))
+    with connect() as c:
+        assert _scheduler_address(c) == cluster.scheduler_address
+
+
+def test_default_is_a_local_cluster_bound_to_localhost(monkeypatch):
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    with connect(n_workers=1, threads_per_worker=1) as c:
+        assert c.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert all(w.startswith("tcp://127.0.0.1:") for w in c.scheduler_info()["workers"])
+        info = c.scheduler_info()
+        assert len(info["workers"]) == 1
+        assert "127.0.0.1" in c.dashboard_link
+        assert c.submit(pow, 2, 10).result() == 1024
+
+
+def test_unreachable_or_missing_schedulers_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(ClusterError, match="could not reach"):
+        connect("tcp://127.0.0.1:1", timeout=2)
+    with pytest.raises(ClusterError, match="does not exist"):
+        connect(scheduler_file=str(tmp_path / "nope.json"))
+    monkeypatch.setenv(SCHEDULER_ENV, str(tmp_path / "gone.json"))
+    with pytest.raises(ClusterError, match="does not exist"):
+        connect()
+    monkeypatch.delenv(SCHEDULER_ENV)
+    with pytest.raises(ClusterError, match="≥ 1"):
+        connect(n_workers=0)
