@@ -61,7 +61,7 @@ def _contrast_rows(y: np.ndarray, n_pairs: int, tolerance: float) -> np.ndarray:
     return out.reshape(y.shape[:-1])
 
 
-def psd_contrast(profile: Any, n_pairs: int = 3, tolerance: float = 0.1) -> Any:
+def psd_contrast(profile: Any, n_pairs: int = 3, tolerance: float = 0.2) -> Any:
     """Contrast γ of the fringes of a radial profile (PSD), eq. 5 of Assalauova et al. (2022).
 
     γ = (1/N) Σᵢ (I_max,i − I_min,i) / (I_max,i + I_min,i) over the first N pairs of a local
@@ -76,8 +76,10 @@ def psd_contrast(profile: Any, n_pairs: int = 3, tolerance: float = 0.1) -> Any:
     n_pairs : int
         N, the number of minimum/maximum pairs (3 in the paper).
     tolerance : float
-        Relative size of a turn that counts as an extremum (0.1: the profile must come back
-        by 10 % of the extreme value); raise it for noisier profiles.
+        Relative size of a turn that counts as an extremum (0.2: the profile must come back
+        by 20 % of the extreme value). Noise of a few per cent never makes such a turn, while
+        real fringes (I_max/I_min of 2 or more) always do; raise it for noisier profiles,
+        lower it for washed-out fringes.
 
     Returns
     -------
