@@ -11,8 +11,11 @@ import pytest
 import xarray as xr
 
 import diffdask as dd
-from diffdask.errors import DiffdaskError, GeometryError, ParameterError, SchemaError
+from diffdask.errors import DiffdaskError, GeometryError, NonFinitePixelsWarning, ParameterError, SchemaError
 from diffdask.reduce.operator import build_operator, reduce_block
+
+# The NaN/inf pixels planted below are announced at the door; that warning is tested once.
+pytestmark = pytest.mark.filterwarnings("ignore::diffdask.errors.NonFinitePixelsWarning")
 
 SHAPE = (23, 31)
 
@@ -210,7 +213,8 @@ def test_mean_profile_is_the_pooled_mean_of_good_pixels():
 
 
 def test_nonfinite_pixels_are_masked_in_their_frame_only():
-    ds, frames, mask, center = random_stack(13, bad_pixels=True)
+    with pytest.warns(NonFinitePixelsWarning, match="treats them as masked"):
+        ds, frames, mask, center = random_stack(13, bad_pixels=True)
     s = dd.summarize(ds, threshold=2.0, center=center).compute()
     for name in ("com_y", "com_x", "total", "lit_pixels"):
         assert np.isfinite(s[name].values).all(), name

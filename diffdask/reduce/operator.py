@@ -87,7 +87,8 @@ class _SingleThreadBlas:
                 self._limiter = None
 
 
-_BLAS_ONE_THREAD = _SingleThreadBlas()
+#: Enter around NumPy BLAS work inside a Dask task (reference-counted, see `_SingleThreadBlas`).
+BLAS_ONE_THREAD = _SingleThreadBlas()
 _NO_LIMIT = contextlib.nullcontext()
 
 
@@ -400,7 +401,7 @@ def reduce_block(
     n = block.shape[0]
     dtype = work_dtype(block.dtype)
     x = block.reshape(n, -1).astype(dtype, copy=False)
-    with _BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
+    with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
         sums = op.apply(x, frame_offset)
     out: dict[str, Any] = {}
     lit = None
@@ -417,7 +418,7 @@ def reduce_block(
         # Each flagged frame is redone alone at its own aligned position, so its result
         # does not depend on which other frames of the chunk were flagged.
         sums_bad, cb = [], []
-        with _BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
+        with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
             for i in range(bad.size):
                 sums_bad.append(op.apply(vb[i : i + 1], frame_offset + int(bad[i])))
                 cb.append(op.apply(good[i : i + 1].astype(dtype), frame_offset + int(bad[i])))

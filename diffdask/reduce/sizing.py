@@ -18,6 +18,7 @@ import xarray as xr
 
 from diffdask.errors import GeometryError, ParameterError, SchemaError
 from diffdask.geometry import Geometry
+from diffdask.reduce.operator import BLAS_ONE_THREAD
 
 
 def sphere_form_factor(x: Any) -> np.ndarray:
@@ -91,6 +92,14 @@ def _fit_at(y: np.ndarray, w: np.ndarray, q: np.ndarray, d: np.ndarray) -> tuple
 
 
 def _fit_rows(
+    y: np.ndarray, q: np.ndarray, n_pixels: np.ndarray, grid: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    # One BLAS thread per Dask thread, as for the reduction kernels.
+    with BLAS_ONE_THREAD:
+        return _fit_rows_unlimited(y, q, n_pixels, grid)
+
+
+def _fit_rows_unlimited(
     y: np.ndarray, q: np.ndarray, n_pixels: np.ndarray, grid: np.ndarray
 ) -> tuple[np.ndarray, ...]:
     shape = y.shape[:-1]
