@@ -28,8 +28,10 @@ counts from the same operator), so non-finite pixels never reach a result and co
 when absent. Lit pixels are counted in the same call on the same converted block.
 
 Threads: kernels run one per Dask thread, and Dask runs one thread per core, so BLAS is held
-to one thread while any kernel of this module runs in the process (a reference-counted
-`threadpoolctl` limit, restored when the last kernel returns).
+to one thread while kernels of this module run in the process (a reference-counted
+`threadpoolctl` limit, restored two seconds after the last kernel returns). Dask's
+distributed workers already start with ``OPENBLAS_NUM_THREADS=1``; this covers the threaded
+scheduler and user-made thread pools.
 """
 
 from __future__ import annotations
@@ -58,22 +60,25 @@ BAND_PIXELS = 512
 
 
 class _SingleThreadBlas:
-    """Hold BLAS to one thread while at least one kernel runs (thread-safe, re-entrant).
+    """Hold BLAS to one thread while kernels run (thread-safe, re-entrant).
 
     A plain ``threadpool_limits`` context per call would let one Dask thread restore the
-    original limit while another is still inside a GEMM; counting the kernels in flight
-    keeps the limit until the last one leaves.
+    original limit while another is still inside a GEMM, so kernels in flight are counted.
+    Changing OpenBLAS's thread count is itself slow (measured: a 20 000-frame centre of mass
+    went from 0.5 s to 6 s when the limit was set and restored around every chunk), so the
+    original limit comes back only after `RESTORE_AFTER_S` seconds without any kernel.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._depth = 0
+        self._generation = 0
         self._controller: ThreadpoolController | None = None
         self._limiter: Any = None
 
     def __enter__(self) -> None:
         with self._lock:
-            if self._depth == 0:
+            if self._limiter is None:
                 if self._controller is None:
                     self._controller = ThreadpoolController()
                 self._limiter = self._controller.limit(limits=1, user_api="blas")
@@ -83,10 +88,20 @@ class _SingleThreadBlas:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
+                self._generation += 1
+                timer = threading.Timer(RESTORE_AFTER_S, self._restore, args=(self._generation,))
+                timer.daemon = True
+                timer.start()
+
+    def _restore(self, generation: int) -> None:
+        with self._lock:
+            if self._depth == 0 and self._generation == generation and self._limiter is not None:
                 self._limiter.restore_original_limits()
                 self._limiter = None
 
 
+#: Seconds without a running kernel after which BLAS gets its original thread count back.
+RESTORE_AFTER_S = 2.0
 #: Enter around NumPy BLAS work inside a Dask task (reference-counted, see `_SingleThreadBlas`).
 BLAS_ONE_THREAD = _SingleThreadBlas()
 _NO_LIMIT = contextlib.nullcontext()
@@ -142,6 +157,15 @@ class PixelOperator:
     def radius_px(self) -> np.ndarray:
         """Bin centres, pixels."""
         return (np.arange(self.n_bins) + 0.5) * self.bin_width_px
+
+    def bin_map(self) -> np.ndarray:
+        """Radial bin of each pixel, shape (ny, nx), int64; −1 for masked or unbinned pixels."""
+        out = np.full(self.shape[0] * self.shape[1], -1, dtype=np.int64)
+        for band in self.bands:
+            ind = band.weights[:, N_FIXED:]
+            hit = ind.any(axis=1)
+            out[band.start : band.stop][hit] = band.lo + ind[hit].argmax(axis=1)
+        return out.reshape(self.shape)
 
     def __dask_tokenize__(self) -> tuple:
         from dask.base import tokenize
