@@ -26,6 +26,8 @@ Run: ``python benchmarks/reductions.py`` (``--help`` for sizes).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import platform
 import shutil
@@ -47,13 +49,10 @@ from diffdask.io import open_frames, save_frames, save_results, store_info
 GEOMETRY = dict(pixel_size_m=75e-6, distance_m=0.13, wavelength_m=0.729e-9)
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def make_geometry(shape: tuple[int, int]) -> dd.Geometry:
@@ -84,59 +83,53 @@ def make_frames(n: int, geometry: dd.Geometry, photons: float, dtype: str, seed:
     return out
 
 
-def bench_diffdask(ds: Any, threshold: float, repeat: int) -> dict[str, float]:
-    """Seconds for each diffdask reduction of a frame stack (computed with the current scheduler)."""
+def diffdask_cases(ds: Any, threshold: float) -> dict[str, Callable[[], Any]]:
+    """The diffdask reductions of a frame stack, each computed with the current scheduler."""
     frames = ds.frames.data
     return {
-        "floor": _best(lambda: frames.sum().compute(), repeat),
-        "center_of_mass": _best(lambda: dd.center_of_mass(ds).compute(), repeat),
-        "radial_profile": _best(lambda: dd.radial_profile(ds).compute(), repeat),
-        "lit_pixels": _best(lambda: dd.lit_pixels(ds, threshold).compute(), repeat),
-        "summarize": _best(lambda: dd.summarize(ds, threshold=threshold, min_lit=20).compute(), repeat),
+        "floor": lambda: frames.sum().compute(),
+        "center_of_mass": lambda: dd.center_of_mass(ds).compute(),
+        "radial_profile": lambda: dd.radial_profile(ds).compute(),
+        "lit_pixels": lambda: dd.lit_pixels(ds, threshold).compute(),
+        "summarize": lambda: dd.summarize(ds, threshold=threshold, min_lit=20).compute(),
     }
 
 
-def bench_libertem(frames: np.ndarray, mask: np.ndarray, op: Any, repeat: int) -> dict[str, Any]:
-    """LiberTEM CoMUDF and ring masks (one per bin), best executor; seconds."""
-    try:
-        import libertem.api as lt
-        from libertem.udf.com import CoMUDF
-        from libertem.udf.masks import ApplyMasksUDF
-    except ImportError:
-        return {"missing": "libertem (run benchmarks/setup_bench_env.sh)"}
+def libertem_cases(frames: np.ndarray, op: Any, stack: contextlib.ExitStack) -> dict[str, Callable[[], Any]]:
+    """LiberTEM CoMUDF and ring masks (one per radial bin) with its 'threads' and 'dask' executors."""
+    import libertem.api as lt
+    from libertem.udf.com import CoMUDF
+    from libertem.udf.masks import ApplyMasksUDF
+
+    # LiberTEM's CoMUDF warns about np.divide(where=...) on every partition.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"libertem\..*")
+    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
     n = frames.shape[0]
-    nav = (n // 100, 100) if n % 100 == 0 else (n,)
+    nav = (n // 100, 100) if n % 100 == 0 else (n,)  # a scan, so CoMUDF's field maps apply
     data = frames.reshape(*nav, *frames.shape[1:])
     bins = op.bin_map()
     factories = [(lambda k=k: (bins == k).astype(np.float32)) for k in range(op.n_bins)]
     cy, cx = op.center_yx
-    # LiberTEM's CoMUDF warns about np.divide(where=...) on every partition.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"libertem\..*")
-    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-    best: dict[str, Any] = {}
+    cases = {}
     for executor in ("threads", "dask"):
-        ctx = lt.Context.make_with(executor, cpus=os.cpu_count())
-        try:
-            lds = ctx.load("memory", data=data, sig_dims=2)
-            ctx.run_udf(dataset=lds, udf=CoMUDF.with_params(cy=cy, cx=cx))  # warm-up (numba, workers)
-            t_com = _best(lambda: ctx.run_udf(dataset=lds, udf=CoMUDF.with_params(cy=cy, cx=cx)), repeat)
-            udf = ApplyMasksUDF(mask_factories=factories)
-            ctx.run_udf(dataset=lds, udf=udf)
-            t_rings = _best(lambda: ctx.run_udf(dataset=lds, udf=ApplyMasksUDF(mask_factories=factories)), repeat)
-        finally:
-            ctx.close()
-        for key, t in (("CoMUDF", t_com), ("ring masks", t_rings)):
-            if key not in best or t < best[key][0]:
-                best[key] = (t, executor)
-    return best
+        ctx = stack.enter_context(lt.Context.make_with(executor, cpus=os.cpu_count()))
+        lds = ctx.load("memory", data=data, sig_dims=2)
+
+        def com(ctx=ctx, lds=lds) -> Any:
+            return ctx.run_udf(dataset=lds, udf=CoMUDF.with_params(cy=cy, cx=cx))
+
+        def rings(ctx=ctx, lds=lds) -> Any:
+            return ctx.run_udf(dataset=lds, udf=ApplyMasksUDF(mask_factories=factories))
+
+        cases[f"LiberTEM CoMUDF ({executor})"] = com
+        cases[f"LiberTEM ring masks ({executor})"] = rings
+    return cases
 
 
-def bench_pyfai(frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geometry, n_frames: int) -> dict[str, Any]:
-    """pyFAI integrate1d per frame, CSR engine, same bins and mask; seconds per frame."""
-    try:
-        from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-    except ImportError:
-        return {"missing": "pyFAI (run benchmarks/setup_bench_env.sh)"}
+def pyfai_case(frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geometry, n_frames: int) -> Callable[[], Any]:
+    """pyFAI integrate1d on ``n_frames`` frames, one call per frame, CSR engine, same bins and mask."""
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
     cy, cx = op.center_yx
     p = geometry.pixel_size_yx_m[0]
     ai = AzimuthalIntegrator(
@@ -147,20 +140,20 @@ def bench_pyfai(frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geom
         pixel2=p,
         wavelength=geometry.wavelength_m,
     )
-    r_max_mm = op.n_bins * op.bin_width_px * p * 1e3
     kwargs = dict(
         unit="r_mm",
         method=("no", "csr", "cython"),
         mask=~mask,
-        radial_range=(0.0, r_max_mm),
+        radial_range=(0.0, op.n_bins * op.bin_width_px * p * 1e3),
         correctSolidAngle=False,
     )
-    ai.integrate1d(frames[0], op.n_bins, **kwargs)  # builds the CSR matrix (not timed)
     sub = frames[:n_frames]
-    t0 = time.perf_counter()
-    for frame in sub:
-        ai.integrate1d(frame, op.n_bins, **kwargs)
-    return {"integrate1d": ((time.perf_counter() - t0) / len(sub), "csr")}
+
+    def run() -> None:
+        for frame in sub:
+            ai.integrate1d(frame, op.n_bins, **kwargs)
+
+    return run
 
 
 def run_comparison(args: argparse.Namespace, work: Path) -> None:
@@ -176,45 +169,67 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     zds = open_frames(store)
     info = store_info(store)
     op = _operator(ds)
-
-    mem = bench_diffdask(ds, args.threshold, args.repeat)
-    zarr = bench_diffdask(zds, args.threshold, args.repeat)
-    peers = {} if args.no_peers else bench_libertem(frames, mask, op, args.repeat)
-    fai = {} if args.no_peers else bench_pyfai(frames, mask, op, geometry, args.pyfai_frames)
-
     n = args.n_frames
+    cases: dict[tuple[str, str], Callable[[], Any]] = {}
+    cases.update({("memory", k): f for k, f in diffdask_cases(ds, args.threshold).items()})
+    cases.update({("zarr", k): f for k, f in diffdask_cases(zds, args.threshold).items()})
+    missing = []
+    with contextlib.ExitStack() as stack:
+        if not args.no_peers:
+            try:
+                cases.update({("peer", k): f for k, f in libertem_cases(frames, op, stack).items()})
+            except ImportError:
+                missing.append("libertem (run benchmarks/setup_bench_env.sh)")
+            try:
+                cases[("peer", "pyFAI integrate1d (csr)")] = pyfai_case(frames, mask, op, geometry, args.pyfai_frames)
+            except ImportError:
+                missing.append("pyFAI (run benchmarks/setup_bench_env.sh)")
+        for fn in cases.values():  # warm-up: numba, worker start, CSR matrices, page cache
+            fn()
+        # Rounds interleave every case, so a load change on the machine hits all of them;
+        # each case keeps its best round.
+        best = {key: math.inf for key in cases}
+        for _ in range(args.repeat):
+            for key, fn in cases.items():
+                best[key] = min(best[key], _timed(fn))
+    pyfai_key = ("peer", "pyFAI integrate1d (csr)")
+    if pyfai_key in best:
+        best[pyfai_key] *= n / min(n, args.pyfai_frames)  # per-frame calls: scale to all frames
+
+    def peer(name: str) -> float:
+        times = [t for (src, k), t in best.items() if src == "peer" and k.startswith(name)]
+        return min(times) if times else math.nan
+
     chunk = ds.frames.data.chunks[0][0]
     print(f"# reductions: {n} frames {shape[0]}×{shape[1]} float32, ~{args.photons:g} photons/frame, "
           f"{op.n_bins} radial bins, {chunk} frames per chunk")
     print(f"# Zarr store: {info['codecs']}, compression {info['compression_ratio']:.1f}×, "
           f"{info['batch_frames']} frames per shard")
     print(f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"dask threads scheduler, best of {args.repeat}")
+          f"dask threads scheduler, best of {args.repeat} interleaved rounds")
     print("| what | source | s | frames/s | vs floor of its source | vs peer |")
     print("|---|---|---|---|---|---|")
-    peer_for = {
-        "center_of_mass": ("CoMUDF", "LiberTEM CoMUDF"),
-        "radial_profile": ("ring masks", "LiberTEM ring masks"),
+    vs_peer = {
+        "center_of_mass": [("LiberTEM CoMUDF", "LiberTEM CoMUDF")],
+        "radial_profile": [("LiberTEM ring masks", "LiberTEM ring masks"), ("pyFAI", "pyFAI integrate1d")],
     }
-    for source, res in (("memory", mem), ("zarr", zarr)):
-        for what, t in res.items():
-            vs_peer = ""
-            if source == "memory" and what in peer_for and peer_for[what][0] in peers:
-                tp = peers[peer_for[what][0]][0]
-                vs_peer = f"{tp / t:.1f}× {peer_for[what][1]}"
-            if source == "memory" and what == "radial_profile" and "integrate1d" in fai:
-                tp = fai["integrate1d"][0] * n
-                vs_peer += f"{'; ' if vs_peer else ''}{tp / t:.0f}× pyFAI integrate1d"
-            print(f"| {what} | {source} | {t:.3f} | {n / t:,.0f} | {res['floor'] / t:.2f} | {vs_peer} |")
-    for name, value in list(peers.items()) + list(fai.items()):
-        if name == "missing":
-            print(f"| peer missing: {value} | | | | | |")
+    for (source, what), t in best.items():
+        if source == "peer":
             continue
-        t, how = value
-        total = t * n if name == "integrate1d" else t
-        label = f"pyFAI integrate1d ({how}, {args.pyfai_frames} frames timed)" if name == "integrate1d" else f"LiberTEM {name} ({how})"
-        print(f"| {label} | memory | {total:.3f} | {n / total:,.0f} | {mem['floor'] / total:.2f} | |")
-    print(f"| summarize from Zarr vs Zarr read floor | | | | {zarr['floor'] / zarr['summarize']:.2f} | |")
+        notes = []
+        for prefix, label in vs_peer.get(what, []) if source == "memory" else []:
+            tp = peer(prefix)
+            if math.isfinite(tp):
+                notes.append(f"{tp / t:.1f}× {label}")
+        floor = best[(source, "floor")]
+        print(f"| {what} | {source} | {t:.3f} | {n / t:,.0f} | {floor / t:.2f} | {'; '.join(notes)} |")
+    for (source, what), t in best.items():
+        if source == "peer":
+            note = f" ({args.pyfai_frames} frames timed, scaled)" if what.startswith("pyFAI") else ""
+            print(f"| {what}{note} | memory | {t:.3f} | {n / t:,.0f} | {best[('memory', 'floor')] / t:.2f} | |")
+    for m in missing:
+        print(f"| peer missing: {m} | | | | | |")
+    print(f"| summarize from Zarr vs Zarr read floor | | | | {best[('zarr', 'floor')] / best[('zarr', 'summarize')]:.2f} | |")
 
 
 def _operator(ds: Any) -> Any:
