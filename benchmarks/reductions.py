@@ -9,9 +9,9 @@ beamstop and a panel gap in the mask, beam off-centre) this measures:
     from the Zarr store;
 (c) peers on the same frames, from the benchmark environment only
     (``benchmarks/setup_bench_env.sh``): LiberTEM ``CoMUDF`` and ``ApplyMasksUDF`` with one
-    ring mask per radial bin (LiberTEM's best executor of 'threads' and 'dask' with all
-    cores), and pyFAI ``integrate1d`` per frame with the CSR engine (no pixel splitting,
-    same bins, same mask; timed on a subset and given as a rate).
+    ring mask per radial bin (its 'threads' executor on all cores by default; the best of
+    ``--libertem-executors``), and pyFAI ``integrate1d`` per frame with the CSR engine (no
+    pixel splitting, same bins, same mask; timed on a subset and scaled to all frames).
 
 Throughputs are printed as frames/s and as ratios (against the floors and the peers).
 Peers that are not installed are reported as missing, not skipped silently.
@@ -95,8 +95,10 @@ def diffdask_cases(ds: Any, threshold: float) -> dict[str, Callable[[], Any]]:
     }
 
 
-def libertem_cases(frames: np.ndarray, op: Any, stack: contextlib.ExitStack) -> dict[str, Callable[[], Any]]:
-    """LiberTEM CoMUDF and ring masks (one per radial bin) with its 'threads' and 'dask' executors."""
+def libertem_cases(
+    frames: np.ndarray, op: Any, stack: contextlib.ExitStack, executors: list[str]
+) -> dict[str, Callable[[], Any]]:
+    """LiberTEM CoMUDF and ring masks (one per radial bin) with each of its ``executors``."""
     import libertem.api as lt
     from libertem.udf.com import CoMUDF
     from libertem.udf.masks import ApplyMasksUDF
@@ -111,7 +113,7 @@ def libertem_cases(frames: np.ndarray, op: Any, stack: contextlib.ExitStack) -> 
     factories = [(lambda k=k: (bins == k).astype(np.float32)) for k in range(op.n_bins)]
     cy, cx = op.center_yx
     cases = {}
-    for executor in ("threads", "dask"):
+    for executor in executors:
         ctx = stack.enter_context(lt.Context.make_with(executor, cpus=os.cpu_count()))
         lds = ctx.load("memory", data=data, sig_dims=2)
 
@@ -177,7 +179,9 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     with contextlib.ExitStack() as stack:
         if not args.no_peers:
             try:
-                cases.update({("peer", k): f for k, f in libertem_cases(frames, op, stack).items()})
+                executors = args.libertem_executors.split(",")
+                peers = libertem_cases(frames, op, stack, executors)
+                cases.update({("peer", k): f for k, f in peers.items()})
             except ImportError:
                 missing.append("libertem (run benchmarks/setup_bench_env.sh)")
             try:
@@ -307,6 +311,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--pyfai-frames", type=int, default=1000, help="frames timed for pyFAI (per-frame calls)")
     parser.add_argument("--no-peers", action="store_true", help="skip LiberTEM and pyFAI")
+    parser.add_argument(
+        "--libertem-executors",
+        default="threads",
+        help="comma-separated LiberTEM executors to time (its best counts); 'dask' starts worker "
+        "processes that each hold the data, measured 10-100× slower than 'threads' on 2 cores",
+    )
     parser.add_argument("--scale", action="store_true", help="the 10⁶-frame write + summarize run")
     parser.add_argument("--workdir", default=None, help="where to write the stores (default: a temp dir)")
     args = parser.parse_args()
