@@ -128,7 +128,9 @@ def libertem_cases(
     return cases
 
 
-def pyfai_case(frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geometry, n_frames: int) -> Callable[[], Any]:
+def pyfai_case(
+    frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geometry, n_frames: int
+) -> Callable[[], Any]:
     """pyFAI integrate1d on ``n_frames`` frames, one call per frame, CSR engine, same bins and mask."""
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
@@ -233,7 +235,8 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
             print(f"| {what}{note} | memory | {t:.3f} | {n / t:,.0f} | {best[('memory', 'floor')] / t:.2f} | |")
     for m in missing:
         print(f"| peer missing: {m} | | | | | |")
-    print(f"| summarize from Zarr vs Zarr read floor | | | | {best[('zarr', 'floor')] / best[('zarr', 'summarize')]:.2f} | |")
+    ratio = best[("zarr", "floor")] / best[("zarr", "summarize")]
+    print(f"| summarize from Zarr vs Zarr read floor | | | | {ratio:.2f} | |")
 
 
 def _operator(ds: Any) -> Any:
@@ -299,7 +302,10 @@ def run_scale(args: argparse.Namespace, work: Path) -> None:
     print("| step | wall s | frames/s | peak RSS GiB |")
     print("|---|---|---|---|")
     print(f"| simulate + save_frames | {t_write:.1f} | {n / t_write:,.0f} | {mem_write.peak / 2**30:.2f} |")
-    print(f"| open_frames + summarize + save_results | {t_reduce:.1f} | {n / t_reduce:,.0f} | {mem_reduce.peak / 2**30:.2f} |")
+    print(
+        f"| open_frames + summarize + save_results | {t_reduce:.1f} | {n / t_reduce:,.0f} "
+        f"| {mem_reduce.peak / 2**30:.2f} |"
+    )
 
 
 def main() -> None:

@@ -121,7 +121,9 @@ def test_radial_profile_matches_loop_reference(seed, width, n_bins):
 
 def test_radial_profile_q_axis_and_default_centre_from_geometry():
     wavelength, distance, pixel = 0.729e-9, 0.13, 75e-6
-    geom = dd.Geometry(SHAPE, pixel_size_m=pixel, distance_m=distance, wavelength_m=wavelength, beam_center_yx=(9.3, 17.8))
+    geom = dd.Geometry(
+        SHAPE, pixel_size_m=pixel, distance_m=distance, wavelength_m=wavelength, beam_center_yx=(9.3, 17.8)
+    )
     ds, frames, mask, _ = random_stack(7, geometry=geom)
     prof = dd.radial_profile(ds, bin_width_px=1.5)
     r = (np.arange(prof.sizes["radius"]) + 0.5) * 1.5
@@ -180,7 +182,8 @@ def test_summarize_reads_each_chunk_once():
         calls.append(block.shape[0])
         return block
 
-    counted_ds = ds.assign(frames=(ds.frames.dims, ds.frames.data.map_blocks(counted, meta=np.empty((0, 0, 0), ds.frames.dtype))))
+    read = ds.frames.data.map_blocks(counted, meta=np.empty((0, 0, 0), ds.frames.dtype))
+    counted_ds = ds.assign(frames=(ds.frames.dims, read))
     s = dd.summarize(counted_ds, threshold=3.0, min_lit=10)
     dask.compute(*[s[v].data for v in s.data_vars], scheduler="threads")
     assert sorted(calls) == [2, 5, 5]

@@ -174,7 +174,8 @@ class PixelOperator:
 
     # The device/dtype copies of the weights are rebuilt where the operator lands.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("shape", "mask", "n_bins", "bin_width_px", "center_yx", "bin_counts", "bands")}
+        names = ("shape", "mask", "n_bins", "bin_width_px", "center_yx", "bin_counts", "bands")
+        return {k: getattr(self, k) for k in names}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

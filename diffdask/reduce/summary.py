@@ -79,7 +79,9 @@ def summarize(
     t = None if threshold is None else check_threshold(threshold)
     m = None if min_lit is None else check_min_lit(min_lit)
     if (m is not None or hits) and t is None:
-        raise ParameterError("lit pixels and hits need a threshold: pass threshold=... (the pixel value that counts as lit).")
+        raise ParameterError(
+            "lit pixels and hits need a threshold: pass threshold=... (the pixel value that counts as lit)."
+        )
     if not hits:
         t = m = None
     ds, geometry, op = prepare(ds, radial=radial, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
