@@ -264,8 +264,8 @@ def reduce(
             f"({np.nanmean(cy):.2f} ± {np.nanstd(cy):.2f}, {np.nanmean(cx):.2f} ± {np.nanstd(cx):.2f}) px; "
             f"{int(np.isnan(cy).sum())} empty frames",
         )
-    if "mean_profile" in saved:
-        gamma = psd_contrast(saved["mean_profile"])
+    if "radial_profile" in saved:
+        gamma = psd_contrast(saved["radial_profile"].mean("frame"))
         table.add_row("mean PSD", f"{saved.sizes['radius']} bins of {bin_width} px; contrast γ = {float(gamma):.3f}")
     if "is_hit" in saved:
         n_hits = int(saved["is_hit"].values.sum())

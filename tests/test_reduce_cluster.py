@@ -40,7 +40,6 @@ def test_summarize_from_zarr_equals_in_memory(sphere_stack, tmp_path):
     ref = dd.summarize(sphere_stack, threshold=0.5, min_lit=20).compute(scheduler="threads")
     got = dd.summarize(stored, threshold=0.5, min_lit=20).compute(scheduler="threads")
     assert_same(got, ref, SUMMARY_VARS)
-    np.testing.assert_allclose(got.mean_profile.values, ref.mean_profile.values, rtol=1e-6)
     np.testing.assert_array_equal(got.q_inv_nm.values, ref.q_inv_nm.values)
 
 
@@ -50,7 +49,7 @@ def test_results_identical_on_a_two_process_cluster(sphere_stack, client):
     mean_local = dd.mean_profile(sphere_stack).compute(scheduler="threads")
     distributed = dd.summarize(sphere_stack, threshold=0.5, min_lit=20).compute()  # the client
     mean_distributed = dd.mean_profile(sphere_stack).compute()
-    assert_same(distributed, local, SUMMARY_VARS + ("mean_profile",))
+    assert_same(distributed, local, SUMMARY_VARS)
     np.testing.assert_array_equal(mean_distributed.values, mean_local.values)
     # The fit's float64 GEMMs round by row position too: compare equal chunkings.
     fit_local = dd.fit_sphere_diameter(local.radial_profile.chunk({"frame": 13})).compute(scheduler="threads")

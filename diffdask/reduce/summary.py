@@ -59,8 +59,10 @@ def summarize(
     xarray.Dataset
         On ``frame``: ``com_y``, ``com_x``, ``total`` (as `center_of_mass`),
         ``radial_profile`` (``frame``, ``radius``), and with a threshold ``lit_pixels``
-        (int32) and with ``min_lit`` ``is_hit`` (bool). On ``radius``: ``mean_profile``, the
-        mean of the per-frame profiles (same pass). Only the parts in ``include``.
+        (int32) and with ``min_lit`` ``is_hit`` (bool); only the parts in ``include``. Every
+        variable is aligned on ``frame``: the dataset-wide profile is `mean_profile` (its own
+        pass) or, from these results without touching the frames again,
+        ``result.radial_profile.mean("frame")``.
 
     Raises
     ------
@@ -106,8 +108,4 @@ def summarize(
     if radial:
         params.update(bin_width_px=op.bin_width_px, n_bins=op.n_bins, center_yx=op.center_yx)
         coords.update(radius_coords(op, geometry))
-    result = xr.Dataset(data_vars, coords=coords, attrs=provenance("summarize", **params))
-    if radial:
-        mean = result["radial_profile"].mean("frame", skipna=True)
-        result["mean_profile"] = mean.assign_attrs(long_name="mean over frames of the radial profiles")
-    return result
+    return xr.Dataset(data_vars, coords=coords, attrs=provenance("summarize", **params))
