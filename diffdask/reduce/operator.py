@@ -440,15 +440,22 @@ def reduce_block(
         xb = x[bad]
         good = xp.isfinite(xb) & xp.asarray(op.mask.ravel())
         vb = xp.where(good, xb, 0).astype(dtype, copy=False)
-        # Each flagged frame is redone alone at its own aligned position, so its result
-        # does not depend on which other frames of the chunk were flagged.
-        sums_bad, cb = [], []
+        # Redo the flagged frames at the same GEMM positions (mod ROW_ALIGN) as the fast path
+        # would use, so their results do not depend on the chunking or on which other frames
+        # were flagged: frame i goes to slot (frame_offset + i) mod ROW_ALIGN of buffer k,
+        # where k counts the earlier flagged frames with that slot. Per-frame good-pixel counts
+        # are sums of ones, exact in any order.
+        slots = (bad + frame_offset) % ROW_ALIGN
+        rank = xp.zeros_like(bad)
+        for slot in xp.unique(slots).tolist():
+            same = xp.flatnonzero(slots == slot)
+            rank[same] = xp.arange(same.size)
+        rows = rank * ROW_ALIGN + slots
+        buf = xp.zeros((int(rank.max()) + 1) * ROW_ALIGN * x.shape[1], dtype=dtype).reshape(-1, x.shape[1])
+        buf[rows] = vb
         with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
-            for i in range(bad.size):
-                sums_bad.append(op.apply(vb[i : i + 1], frame_offset + int(bad[i])))
-                cb.append(op.apply(good[i : i + 1].astype(dtype), frame_offset + int(bad[i])))
-        sums[bad] = xp.concatenate(sums_bad)
-        cb = xp.concatenate(cb)
+            sums[bad] = op.apply(buf)[rows]
+            cb = op.apply(good.astype(dtype))
         counts = (bad, cb)
         if lit is not None:
             lit[bad] = ((vb > op.threshold_map(xp, threshold, dtype)) & good).sum(axis=1, dtype=xp.int32)
