@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dask
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from click.testing import CliRunner
 
 import diffdask as dd
 from diffdask.cli import main
+from diffdask.demo import write_demo_cxi
 
 GEOM = dd.Geometry((40, 36), pixel_size_m=150e-6, distance_m=0.2, wavelength_m=0.6e-9, beam_center_yx=(19.4, 17.2))
 
@@ -87,3 +90,17 @@ def test_cli_reduce_writes_results_and_figure(sphere_stack, cluster, tmp_path):
     assert dd.open_results(store, "summary").attrs["min_lit"] == 5
     bad = runner.invoke(main, ["reduce", str(store), "--what", "com,psd"])
     assert bad.exit_code == 2 and "com,radial,hits" in bad.output
+
+
+def test_readme_reduction_example_runs(cluster, tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quick = readme.split("## Quick start (Python)")[1].split("```python")[1].split("```")[0]
+    reductions = readme.split("## Per-frame reductions")[1].split("```python")[1].split("```")[0]
+    write_demo_cxi(str(tmp_path / "run.cxi"), n_frames=30, shape=(128, 128), seed=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFDASK_SCHEDULER", cluster.scheduler_address)
+    namespace: dict = {}
+    exec(compile(quick, "README.md", "exec"), namespace)
+    exec(compile(reductions, "README.md", "exec"), namespace)
+    assert namespace["keep"].sizes["frame"] == 30
+    assert set(dd.open_results("run.zarr", "summary").data_vars) >= {"com_y", "radial_profile", "is_hit"}
