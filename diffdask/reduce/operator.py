@@ -426,13 +426,24 @@ def reduce_block(
     n = block.shape[0]
     dtype = work_dtype(block.dtype)
     x = block.reshape(n, -1).astype(dtype, copy=False)
-    with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
-        sums = op.apply(x, frame_offset)
     out: dict[str, Any] = {}
     lit = None
     if threshold is not None:
         above = x > op.threshold_map(xp, threshold, dtype)
         lit = above.sum(axis=1, dtype=xp.int32)
+    if not (com or radial):
+        # Lit pixels only: a plain row sum flags the frames with NaN/inf pixels.
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = xp.flatnonzero(~xp.isfinite(x.sum(axis=1)))
+        if lit is not None:
+            if bad.size:
+                xb = x[bad]
+                good = xp.isfinite(xb) & xp.asarray(op.mask.ravel())
+                lit[bad] = ((xb > op.threshold_map(xp, threshold, dtype)) & good).sum(axis=1, dtype=xp.int32)
+            out["lit"] = lit
+        return out
+    with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
+        sums = op.apply(x, frame_offset)
     counts = None
     bad = xp.flatnonzero(~xp.isfinite(sums[:, 0]))
     if bad.size:
