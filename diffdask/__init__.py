@@ -1,7 +1,8 @@
 """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
 
-from diffdask.blocks import map_frames, pair_blocks, reduce_frames
+from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
+from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -27,6 +28,7 @@ from diffdask.io import (
     save_results,
     store_info,
 )
+from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
 from diffdask.reduce import (
     center_of_mass,
     find_hits,
@@ -38,6 +40,7 @@ from diffdask.reduce import (
     size_filter,
     summarize,
 )
+from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 
 __version__ = "0.1.0"
 
@@ -45,20 +48,27 @@ __all__ = [
     "BackendError",
     "ClusterError",
     "DiffdaskError",
+    "EMC2D",
+    "EMCDetector",
+    "EMCResult",
     "Geometry",
     "GeometryError",
     "IncompleteStoreError",
     "NonFinitePixelsWarning",
     "ParameterError",
+    "Particle",
     "SchemaError",
     "StoreExistsError",
     "StoreFormatError",
     "StoreNotFoundError",
     "__version__",
+    "bootstrap",
     "center_of_mass",
     "connect",
+    "detector_mask",
     "find_hits",
     "fit_sphere_diameter",
+    "generate_frames",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
@@ -73,11 +83,18 @@ __all__ = [
     "pair_blocks",
     "psd_contrast",
     "radial_profile",
+    "read_emc",
+    "read_emc_output",
     "reduce_frames",
     "save_frames",
     "save_results",
+    "simulate_bragg",
+    "simulate_ptycho",
+    "simulate_spi",
     "size_filter",
     "store_info",
     "summarize",
     "validate",
+    "write_emc",
+    "write_emc_output",
 ]

@@ -188,6 +188,257 @@ def info(store: str, as_json: bool) -> None:
     console.print(table)
 
 
+def _iteration_printer(n_runs: int) -> Callable[[Any], None]:
+    def show(it: Any) -> None:
+        ll = ", ".join(f"{v:.6e}" for v in it.log_likelihood)
+        rms = ", ".join(f"{v:.4e}" for v in it.rms_change)
+        console.print(
+            f"iteration {it.iteration:3d}  log-likelihood {ll}  rms change {rms}  "
+            f"β {it.beta_mean:.6f}  {it.time_s:.2f} s",
+            highlight=False,
+        )
+
+    return show
+
+
+@main.command()
+@click.argument("store", required=False)
+@click.option("--photons", type=click.Path(), help="Dragonfly sparse photons file (.emc) instead of STORE.")
+@click.option("--detector", type=click.Path(), help="Dragonfly HDF5 detector file (with --photons).")
+@click.option("--classes", "n_classes", type=int, required=True, help="Number of class models K.")
+@click.option("--rotations", "n_rotations", type=int, required=True, help="In-plane rotations J.")
+@click.option("--iterations", type=int, default=10, show_default=True)
+@click.option("--start-model", type=click.Path(), help="Dragonfly output_000.h5 (intens) to start from.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random start models.")
+@click.option("--friedel", is_flag=True, help="Symmetrise models under q → −q.")
+@click.option("--no-scaling", is_flag=True, help="Do not model per-frame fluence scales.")
+@click.option("--beta", type=float, default=None, help="Fixed starting β (default: per-frame, Dragonfly's rule).")
+@click.option("--beta-schedule", nargs=2, type=(float, int), default=(2**0.5, 5), show_default=True)
+@click.option("--save-probabilities", is_flag=True, help="Keep sparse probabilities (Dragonfly layout only).")
+@click.option("--out", type=click.Path(), help="Directory for Dragonfly-layout output_NNN.h5 files.")
+@scheduler_option
+@workers_option
+@_fail_clearly
+def emc2d(
+    store: str | None,
+    photons: str | None,
+    detector: str | None,
+    n_classes: int,
+    n_rotations: int,
+    iterations: int,
+    start_model: str | None,
+    seed: int,
+    friedel: bool,
+    no_scaling: bool,
+    beta: float | None,
+    beta_schedule: tuple[float, int],
+    save_probabilities: bool,
+    out: str | None,
+    scheduler: str | None,
+    workers: int | None,
+) -> None:
+    """2D EMC classification with in-plane rotations.
+
+    Either Dragonfly files (--photons, --detector; outputs to --out as output_NNN.h5) or a
+    diffdask STORE (each iteration saved in the store as results/emc2d/iter_NNN, and in --out
+    when given).
+    """
+    from diffdask.emc import EMC2D
+    from diffdask.io import open_frames, save_results
+    from diffdask.io.dragonfly import read_emc, read_emc_output
+
+    if (store is None) == (photons is None):
+        raise click.UsageError("give either a STORE or --photons with --detector")
+    if photons is not None and detector is None:
+        raise click.UsageError("--photons needs --detector")
+    ds = open_frames(store) if store else read_emc(photons, detector)
+    start = read_emc_output(start_model)["intens"] if start_model else None
+    emc = EMC2D(n_classes, n_rotations, friedel=friedel, need_scaling=not no_scaling, beta=beta,
+                beta_schedule=beta_schedule, keep_probabilities=save_probabilities)
+    show = _iteration_printer(1)
+
+    def each(it: Any) -> None:
+        show(it)
+        if store:
+            save_results(it.to_dataset(0), store, f"emc2d/iter_{it.iteration:03d}", overwrite=True)
+
+    with _client(scheduler, workers):
+        result = emc.run(ds, iterations, start_models=start, seed=seed, callback=each)
+    if out:
+        paths = result.write_dragonfly(out)
+        console.print(f"wrote {len(paths)} Dragonfly outputs to {out}", highlight=False)
+
+
+@main.command(name="bootstrap")
+@click.argument("store")
+@click.option("--runs", "n_runs", type=int, default=5, show_default=True)
+@click.option("--fraction", type=float, default=0.8, show_default=True)
+@click.option("--classes", "n_classes", type=int, default=200, show_default=True)
+@click.option("--rotations", "n_rotations", type=int, default=36, show_default=True)
+@click.option("--iterations", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="Zarr store for the class averages.")
+@click.option("--overwrite", is_flag=True)
+@scheduler_option
+@workers_option
+@_fail_clearly
+def bootstrap_command(
+    store: str,
+    n_runs: int,
+    fraction: float,
+    n_classes: int,
+    n_rotations: int,
+    iterations: int,
+    seed: int,
+    out: str,
+    overwrite: bool,
+    scheduler: str | None,
+    workers: int | None,
+) -> None:
+    """Bootstrapped 2D EMC on STORE; writes the runs × classes averages as a frame stack to --out."""
+    from diffdask.emc import bootstrap
+    from diffdask.io import open_frames, save_frames
+
+    ds = open_frames(store)
+    with _client(scheduler, workers):
+        result = bootstrap(ds, n_runs=n_runs, fraction=fraction, n_classes=n_classes, n_rotations=n_rotations,
+                           iterations=iterations, seed=seed, callback=_iteration_printer(n_runs))
+        save_frames(result.averages(), out, overwrite=overwrite)
+    console.print(f"wrote {n_runs} × {n_classes} class averages to {out}", highlight=False)
+
+
+# ---------------------------------------------------------------------- simulate
+def _floats(text: str, name: str) -> float | tuple[float, float]:
+    """"70" → 70.0, "55,84" → (55.0, 84.0)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected a number or LOW,HIGH, got {text!r}", param_hint=name) from None
+    if len(values) not in (1, 2):
+        raise click.BadParameter(f"expected a number or LOW,HIGH, got {text!r}", param_hint=name)
+    return values[0] if len(values) == 1 else values  # type: ignore[return-value]
+
+
+def _simulation_options(shape: int, pixel_m: float, distance_m: float, wavelength_m: float) -> Callable[[Any], Any]:
+    """Options every simulator takes, with detector defaults suited to the technique."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.argument("store"),
+            click.option("--n-frames", type=int, required=True, help="Number of frames to simulate."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice."),
+            click.option("--shape", type=int, default=shape, show_default=True, help="Detector side, pixels (square)."),
+            click.option("--pixel-size", "pixel_m", type=float, default=pixel_m, show_default=True, help="Pixel pitch, m."),
+            click.option("--distance", "distance_m", type=float, default=distance_m, show_default=True, help="Detector distance, m."),
+            click.option("--wavelength", "wavelength_m", type=float, default=wavelength_m, show_default=True, help="Wavelength, m."),
+            click.option("--no-noise", is_flag=True, help="Store expected photons instead of Poisson counts."),
+            click.option("--batch-frames", type=int, default=None, help="Frames per chunk/shard (default ≈ 96 MiB)."),
+            click.option("--overwrite", is_flag=True, help="Replace a store that holds other data."),
+            scheduler_option,
+            workers_option,
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _write_simulation(ds: Any, store: str, batch_frames: int | None, overwrite: bool, scheduler: str | None, workers: int | None) -> None:
+    from diffdask.io import save_frames
+
+    job = save_frames(ds, store, overwrite=overwrite, batch_frames=batch_frames, compute=False)
+    with _client(scheduler, workers) as client:
+        run_with_progress(client, job)
+    console.print(
+        f"simulated {ds.sizes['frame']} {ds.attrs['simulation']['simulator']} frames "
+        f"{tuple(ds.frames.shape[1:])} into {store}",
+        highlight=False,
+    )
+
+
+@main.group()
+def simulate() -> None:
+    """Write simulated frame stacks with ground-truth labels (seeded, resumable)."""
+
+
+@simulate.command("spi")
+@_simulation_options(shape=128, pixel_m=600e-6, distance_m=0.3, wavelength_m=6e-10)
+@click.option("--particle", "shape_name", default="sphere", show_default=True,
+              help="sphere, ellipsoid, cube, superellipsoid, icosahedral_shell or pdb.")
+@click.option("--diameter", default="55,84", show_default=True, help="Diameter in nm, or LOW,HIGH for a uniform range.")
+@click.option("--exponent", type=float, default=2.0, show_default=True, help="Superellipsoid exponent p.")
+@click.option("--pdb", "pdb_path", default=None, help="PDB file of a pdb particle.")
+@click.option("--single-hit-fraction", type=float, default=1.0, show_default=True, help="Fraction of single hits.")
+@click.option("--fluence", type=float, default=1e24, show_default=True, help="Fluence, photons/m².")
+@click.option("--background", type=float, default=0.0, show_default=True, help="Background photons per pixel.")
+@click.option("--gap-px", type=int, default=4, show_default=True, help="Panel gap width, pixels.")
+@click.option("--beamstop-px", type=float, default=4.0, show_default=True, help="Beamstop radius, pixels.")
+@click.option("--method", default="auto", show_default=True, help="auto, exact or slicing.")
+@_fail_clearly
+def simulate_spi_command(store: str, n_frames: int, seed: int, shape: int, pixel_m: float, distance_m: float,
+                         wavelength_m: float, no_noise: bool, batch_frames: int | None, overwrite: bool,
+                         scheduler: str | None, workers: int | None, shape_name: str, diameter: str,
+                         exponent: float, pdb_path: str | None, single_hit_fraction: float, fluence: float,
+                         background: float, gap_px: int, beamstop_px: float, method: str) -> None:
+    """Single-particle imaging frames (single and multiple hits) into STORE."""
+    from diffdask.geometry import Geometry
+    from diffdask.simulate import Particle, detector_mask, simulate_spi
+
+    geometry = Geometry((shape, shape), pixel_m, distance_m, wavelength_m)
+    particle = Particle(shape_name, None if shape_name == "pdb" else _floats(diameter, "--diameter"),
+                        exponent=exponent, pdb_path=pdb_path)
+    ds = simulate_spi(n_frames, geometry, particle, single_hit_fraction=single_hit_fraction,
+                      fluence_photons_per_m2=fluence, background_photons=background,
+                      mask=detector_mask(geometry, gap_px=gap_px, beamstop_radius_px=beamstop_px),
+                      noise=not no_noise, method=method, seed=seed, chunks=batch_frames)
+    _write_simulation(ds, store, batch_frames, overwrite, scheduler, workers)
+
+
+@simulate.command("ptycho")
+@_simulation_options(shape=128, pixel_m=75e-6, distance_m=2.0, wavelength_m=1.409e-10)
+@click.option("--probe", default="airy", show_default=True, help="airy, gaussian or aperture.")
+@click.option("--probe-diameter", type=float, default=1e-6, show_default=True, help="Probe size, m.")
+@click.option("--overlap", type=float, default=0.7, show_default=True, help="Linear probe overlap in [0, 1).")
+@click.option("--scan", default="raster", show_default=True, help="raster or fly.")
+@click.option("--photons", type=float, default=1e6, show_default=True, help="Photons per frame.")
+@_fail_clearly
+def simulate_ptycho_command(store: str, n_frames: int, seed: int, shape: int, pixel_m: float, distance_m: float,
+                            wavelength_m: float, no_noise: bool, batch_frames: int | None, overwrite: bool,
+                            scheduler: str | None, workers: int | None, probe: str, probe_diameter: float,
+                            overlap: float, scan: str, photons: float) -> None:
+    """Ptychography scan frames with positions and region-of-interest labels into STORE."""
+    from diffdask.geometry import Geometry
+    from diffdask.simulate import simulate_ptycho
+
+    geometry = Geometry((shape, shape), pixel_m, distance_m, wavelength_m)
+    ds = simulate_ptycho(n_frames, geometry, probe=probe, probe_diameter_m=probe_diameter, overlap=overlap,
+                         scan=scan, photons_per_frame=photons, noise=not no_noise, seed=seed, chunks=batch_frames)
+    _write_simulation(ds, store, batch_frames, overwrite, scheduler, workers)
+
+
+@simulate.command("bragg")
+@_simulation_options(shape=256, pixel_m=344e-6, distance_m=0.15, wavelength_m=1e-10)
+@click.option("--variant", default="standard", show_default=True, help="standard, flat or binary.")
+@click.option("--cell", "cell_lengths", default="4,10", show_default=True, help="Cell lengths, nm (LOW,HIGH).")
+@click.option("--max-tilt", type=float, default=3.0, show_default=True, help="Largest pitch/yaw, degrees.")
+@click.option("--center-jitter", type=float, default=10.0, show_default=True, help="Beam-centre jitter, pixels.")
+@_fail_clearly
+def simulate_bragg_command(store: str, n_frames: int, seed: int, shape: int, pixel_m: float, distance_m: float,
+                           wavelength_m: float, no_noise: bool, batch_frames: int | None, overwrite: bool,
+                           scheduler: str | None, workers: int | None, variant: str, cell_lengths: str,
+                           max_tilt: float, center_jitter: float) -> None:
+    """Crystallography still images with beam-centre, tilt and distance labels into STORE."""
+    from diffdask.geometry import Geometry
+    from diffdask.simulate import simulate_bragg
+
+    geometry = Geometry((shape, shape), pixel_m, distance_m, wavelength_m)
+    ds = simulate_bragg(n_frames, geometry, cell_lengths_nm=_floats(cell_lengths, "--cell"), variant=variant,
+                        max_tilt_deg=max_tilt, beam_center_jitter_px=center_jitter, noise=not no_noise,
+                        seed=seed, chunks=batch_frames)
+    _write_simulation(ds, store, batch_frames, overwrite, scheduler, workers)
+
+
 def _jsonable(attrs: Any) -> Any:
     return json.loads(json.dumps(dict(attrs), default=str, sort_keys=True))
 
