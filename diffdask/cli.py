@@ -516,8 +516,9 @@ def reduce(
             f"{int(np.isnan(cy).sum())} empty frames",
         )
     if "radial_profile" in saved:
-        gamma = psd_contrast(saved["radial_profile"].mean("frame"))
-        table.add_row("mean PSD", f"{saved.sizes['radius']} bins of {bin_width} px; contrast γ = {float(gamma):.3f}")
+        gamma = float(psd_contrast(saved["radial_profile"].mean("frame")))
+        contrast = f"contrast γ = {gamma:.3f}" if np.isfinite(gamma) else "fewer than 3 fringes (no contrast γ)"
+        table.add_row("mean PSD", f"{saved.sizes['radius']} bins of {bin_width} px; {contrast}")
     if "is_hit" in saved:
         n_hits = int(saved["is_hit"].values.sum())
         table.add_row(

@@ -67,7 +67,7 @@ def test_cli_reduce_writes_results_and_figure(sphere_stack, cluster, tmp_path):
     args = ["reduce", str(store), "--scheduler", cluster.scheduler_address, "--threshold", "0.5", "--min-lit", "20"]
     result = runner.invoke(main, args + ["--figure", str(tmp_path / "summary.png")])
     assert result.exit_code == 0, result.output
-    assert "results/summary" in result.output and "hits" in result.output and "contrast" in result.output
+    assert "results/summary" in result.output and "hits" in result.output and "mean PSD" in result.output
     assert (tmp_path / "summary.png").stat().st_size > 10_000
     saved = dd.open_results(store, "summary")
     with dask.config.set(scheduler="threads"):
