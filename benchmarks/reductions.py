@@ -49,10 +49,11 @@ from diffdask.io import open_frames, save_frames, save_results, store_info
 GEOMETRY = dict(pixel_size_m=75e-6, distance_m=0.13, wavelength_m=0.729e-9)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call (CPU time is steadier on a shared machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def make_geometry(shape: tuple[int, int]) -> dd.Geometry:
@@ -193,18 +194,27 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
         for fn in cases.values():  # warm-up: numba, worker start, CSR matrices, page cache
             fn()
         # Rounds interleave every case, so a load change on the machine hits all of them;
-        # each case keeps its best round.
-        best = {key: math.inf for key in cases}
+        # each case keeps its best round (wall and CPU separately).
+        wall = {key: math.inf for key in cases}
+        cpu = {key: math.inf for key in cases}
         for _ in range(args.repeat):
             for key, fn in cases.items():
-                best[key] = min(best[key], _timed(fn))
+                w, c = _timed(fn)
+                wall[key], cpu[key] = min(wall[key], w), min(cpu[key], c)
     pyfai_key = ("peer", "pyFAI integrate1d (csr)")
-    if pyfai_key in best:
-        best[pyfai_key] *= n / min(n, args.pyfai_frames)  # per-frame calls: scale to all frames
+    if pyfai_key in wall:
+        scale = n / min(n, args.pyfai_frames)  # per-frame calls: scale to all frames
+        wall[pyfai_key] *= scale
+        cpu[pyfai_key] *= scale
 
-    def peer(name: str) -> float:
-        times = [t for (src, k), t in best.items() if src == "peer" and k.startswith(name)]
-        return min(times) if times else math.nan
+    def peer(name: str) -> tuple[float, float]:
+        keys = [k for k in wall if k[0] == "peer" and k[1].startswith(name)]
+        if not keys:
+            return math.nan, math.nan
+        return min(wall[k] for k in keys), min(cpu[k] for k in keys)
+
+    def pair(a: float, b: float, digits: int = 2) -> str:
+        return f"{a:.{digits}f} ({b:.{digits}f})"
 
     chunk = ds.frames.data.chunks[0][0]
     print(f"# reductions: {n} frames {shape[0]}×{shape[1]} float32, ~{args.photons:g} photons/frame, "
@@ -212,31 +222,36 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     print(f"# Zarr store: {info['codecs']}, compression {info['compression_ratio']:.1f}×, "
           f"{info['batch_frames']} frames per shard")
     print(f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"dask threads scheduler, best of {args.repeat} interleaved rounds")
-    print("| what | source | s | frames/s | vs floor of its source | vs peer |")
+          f"dask threads scheduler, best of {args.repeat} interleaved rounds; wall (CPU) seconds")
+    print("| what | source | wall (CPU) s | frames/s | vs floor of its source, wall (CPU) | vs peer, wall (CPU) |")
     print("|---|---|---|---|---|---|")
     vs_peer = {
         "center_of_mass": [("LiberTEM CoMUDF", "LiberTEM CoMUDF")],
         "radial_profile": [("LiberTEM ring masks", "LiberTEM ring masks"), ("pyFAI", "pyFAI integrate1d")],
     }
-    for (source, what), t in best.items():
+    for key in wall:
+        source, what = key
         if source == "peer":
             continue
         notes = []
         for prefix, label in vs_peer.get(what, []) if source == "memory" else []:
-            tp = peer(prefix)
-            if math.isfinite(tp):
-                notes.append(f"{tp / t:.1f}× {label}")
-        floor = best[(source, "floor")]
-        print(f"| {what} | {source} | {t:.3f} | {n / t:,.0f} | {floor / t:.2f} | {'; '.join(notes)} |")
-    for (source, what), t in best.items():
+            pw, pc = peer(prefix)
+            if math.isfinite(pw):
+                notes.append(f"{pair(pw / wall[key], pc / cpu[key], 1)}× {label}")
+        fw, fc = wall[(source, "floor")], cpu[(source, "floor")]
+        print(f"| {what} | {source} | {pair(wall[key], cpu[key], 3)} | {n / wall[key]:,.0f} "
+              f"| {pair(fw / wall[key], fc / cpu[key])} | {'; '.join(notes)} |")
+    fw, fc = wall[("memory", "floor")], cpu[("memory", "floor")]
+    for key in wall:
+        source, what = key
         if source == "peer":
             note = f" ({args.pyfai_frames} frames timed, scaled)" if what.startswith("pyFAI") else ""
-            print(f"| {what}{note} | memory | {t:.3f} | {n / t:,.0f} | {best[('memory', 'floor')] / t:.2f} | |")
+            print(f"| {what}{note} | memory | {pair(wall[key], cpu[key], 3)} | {n / wall[key]:,.0f} "
+                  f"| {pair(fw / wall[key], fc / cpu[key])} | |")
     for m in missing:
         print(f"| peer missing: {m} | | | | | |")
-    ratio = best[("zarr", "floor")] / best[("zarr", "summarize")]
-    print(f"| summarize from Zarr vs Zarr read floor | | | | {ratio:.2f} | |")
+    zs, zf = ("zarr", "summarize"), ("zarr", "floor")
+    print(f"| summarize from Zarr vs Zarr read floor | | | | {pair(wall[zf] / wall[zs], cpu[zf] / cpu[zs])} | |")
 
 
 def _operator(ds: Any) -> Any:
