@@ -104,3 +104,21 @@ def test_readme_reduction_example_runs(cluster, tmp_path, monkeypatch):
     exec(compile(reductions, "README.md", "exec"), namespace)
     assert namespace["keep"].sizes["frame"] == 30
     assert set(dd.open_results("run.zarr", "summary").data_vars) >= {"com_y", "radial_profile", "is_hit"}
+
+
+def test_saving_a_summary_reads_each_chunk_once(sphere_stack, tmp_path, monkeypatch):
+    import diffdask.reduce._graph as graph
+
+    calls = []
+    kernel = graph.reduce_block
+
+    def counted(block, **kwargs):
+        calls.append(block.shape[0])
+        return kernel(block, **kwargs)
+
+    monkeypatch.setattr(graph, "reduce_block", counted)
+    store = tmp_path / "run.zarr"
+    stored = dd.save_frames(sphere_stack, store, batch_frames=16)
+    with dask.config.set(scheduler="threads"):
+        dd.save_results(dd.summarize(stored, threshold=0.5, min_lit=20), store, "summary")
+    assert sorted(calls) == [12, 16, 16, 16]  # six result variables, one kernel call per chunk
