@@ -3,6 +3,15 @@
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
+from diffdask.commonlines import (
+    CLPCA,
+    AbsoluteEmbedding,
+    cc_matrix,
+    clpca,
+    embed,
+    line_samples,
+    rotation_invariant_features,
+)
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -45,7 +54,9 @@ from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbsoluteEmbedding",
     "BackendError",
+    "CLPCA",
     "ClusterError",
     "DiffdaskError",
     "EMC2D",
@@ -63,15 +74,19 @@ __all__ = [
     "StoreNotFoundError",
     "__version__",
     "bootstrap",
+    "cc_matrix",
     "center_of_mass",
+    "clpca",
     "connect",
     "detector_mask",
+    "embed",
     "find_hits",
     "fit_sphere_diameter",
     "generate_frames",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
+    "line_samples",
     "list_results",
     "lit_pixels",
     "make_frame_stack",
@@ -86,6 +101,7 @@ __all__ = [
     "read_emc",
     "read_emc_output",
     "reduce_frames",
+    "rotation_invariant_features",
     "save_frames",
     "save_results",
     "simulate_bragg",
