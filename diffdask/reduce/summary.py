@@ -16,8 +16,8 @@ from diffdask.reduce._graph import (
     provenance,
     radius_coords,
     run_fused,
+    total_attrs,
 )
-from diffdask.reduce.com import _total_attrs
 
 
 #: The groups of results `summarize` can include.
@@ -93,7 +93,7 @@ def summarize(
     if com:
         data_vars["com_y"] = ("frame", out["com_y"], {"units": "pixel", "long_name": "centre of mass, row"})
         data_vars["com_x"] = ("frame", out["com_x"], {"units": "pixel", "long_name": "centre of mass, column"})
-        data_vars["total"] = ("frame", out["total"], _total_attrs(units))
+        data_vars["total"] = ("frame", out["total"], total_attrs(units))
     if radial:
         profile_attrs = {"long_name": "mean of good pixels in each annulus"}
         if units:
