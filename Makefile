@@ -26,6 +26,7 @@ demo: install
 		--per-frame diameter_nm=entry_1/sample_1/diameter_nm --per-frame single_hit=entry_1/sample_1/single_hit \
 		--per-frame n_particles=entry_1/sample_1/n_particles --batch-frames 500
 	$(DIFFDASK) info $(DEMO)/run.zarr
+	$(DIFFDASK) reduce $(DEMO)/run.zarr --overwrite --figure $(DEMO)/reduce.png
 
 test: install
 	$(PY) -m pytest -q
