@@ -72,6 +72,28 @@ def _ingest(source: str, store: str, options: Mapping[str, Any]) -> str:
     return f"{info['n_frames']} frames, compression {info['compression_ratio']:.1f}×"
 
 
+@register_step("reduce", {"what", "threshold", "min_lit", "bin_width_px", "group"})
+def _reduce(source: str, store: str, options: Mapping[str, Any]) -> str:
+    from diffdask.io import open_frames, save_results
+    from diffdask.reduce import summarize
+
+    parts = tuple(str(options.get("what", "com,radial,hits")).split(","))
+    hits = "hits" in parts
+    threshold = options.get("threshold", 0.5)
+    min_lit = options.get("min_lit", 20)
+    summary = summarize(
+        open_frames(store),
+        threshold=threshold if hits else None,
+        min_lit=min_lit if hits else None,
+        bin_width_px=float(options.get("bin_width_px", 1.0)),
+        include=parts,
+    )
+    saved = save_results(summary, store, str(options.get("group", "summary")), overwrite=True)
+    if "is_hit" in saved:
+        return f"hit rate {float(saved['is_hit'].mean()):.1%}"
+    return f"{saved.sizes['frame']} frames reduced"
+
+
 @register_step("emc2d", {"classes", "rotations", "iterations", "seed", "friedel", "beta", "need_scaling"})
 def _emc2d(source: str, store: str, options: Mapping[str, Any]) -> str:
     from diffdask.emc import EMC2D

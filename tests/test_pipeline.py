@@ -24,6 +24,7 @@ inputs: archive/run_*.cxi
 output: processed/{stem}.zarr
 steps:
   - ingest: {batch_frames: 20}
+  - reduce: {what: "com,radial,hits", threshold: 0.5, min_lit: 5}
   - emc2d: {classes: 2, rotations: 6, iterations: 2, seed: 3}
 """
 
@@ -46,10 +47,13 @@ def test_pipeline_processes_inputs_reports_failures_and_skips_done_work(client, 
     report = run_pipeline(pipeline)
     status = {(Path(r.source).name, r.step): r.status for r in report.steps}
     assert status == {
-        ("run_00.cxi", "ingest"): "done", ("run_00.cxi", "emc2d"): "done",
-        ("run_01.cxi", "ingest"): "done", ("run_01.cxi", "emc2d"): "done",
-        ("run_99.cxi", "ingest"): "failed", ("run_99.cxi", "emc2d"): "not run",
+        ("run_00.cxi", "ingest"): "done", ("run_00.cxi", "reduce"): "done", ("run_00.cxi", "emc2d"): "done",
+        ("run_01.cxi", "ingest"): "done", ("run_01.cxi", "reduce"): "done", ("run_01.cxi", "emc2d"): "done",
+        ("run_99.cxi", "ingest"): "failed", ("run_99.cxi", "reduce"): "not run", ("run_99.cxi", "emc2d"): "not run",
     }
+    summary = open_results(tmp_path / "processed" / "run_00.zarr", "summary")
+    assert summary.com_y.shape == (60,) and "hit rate" in next(
+        r.message for r in report.steps if r.step == "reduce" and r.status == "done")
     failure = next(r for r in report.steps if r.status == "failed")
     assert "truncated" in failure.message
     assert [Path(p).name for p in report.failed_inputs] == ["run_99.cxi"]
@@ -57,7 +61,7 @@ def test_pipeline_processes_inputs_reports_failures_and_skips_done_work(client, 
     emc = open_results(tmp_path / "processed" / "run_01.zarr", "emc2d/final")
     assert emc.scale.shape == (60,) and ds.frames.shape == (60, 32, 32)
     again = run_pipeline(load_pipeline(str(path)))
-    assert [r.status for r in again.steps if "run_99" not in r.source] == ["skipped"] * 4
+    assert [r.status for r in again.steps if "run_99" not in r.source] == ["skipped"] * 6
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -79,12 +83,14 @@ def test_sigkill_mid_pipeline_then_rerun_matches_an_uninterrupted_run(cluster, t
     os.kill(proc.pid, signal.SIGKILL)  # mid-pipeline: inputs 1 and 2 are not finished
     proc.wait()
     flags = sorted(p.relative_to(state).as_posix() for p in state.rglob("*.json"))
-    assert len(flags) < 6
+    assert len(flags) < 9
     for flag in flags:  # everything marked done is complete and readable
         source, step = flag.split("/")
         store = job / "processed" / source.replace(".cxi", ".zarr")
         if step.endswith("ingest.json"):
             open_frames(store)
+        elif step.endswith("reduce.json"):
+            open_results(store, "summary")
         else:
             open_results(store, "emc2d/final")
 
@@ -103,6 +109,9 @@ def test_sigkill_mid_pipeline_then_rerun_matches_an_uninterrupted_run(cluster, t
         ea, eb = open_results(a, "emc2d/final"), open_results(b, "emc2d/final")
         for name in ("models", "scale", "orientation", "occupancy"):
             assert np.array_equal(ea[name].values, eb[name].values, equal_nan=True), name
+        sa, sb = open_results(a, "summary"), open_results(b, "summary")
+        for name in sa.data_vars:
+            assert np.array_equal(sa[name].values, sb[name].values, equal_nan=True), name
 
 
 def test_bad_pipelines_are_clear_errors(tmp_path):
