@@ -255,20 +255,34 @@ def emc_chunk(
         rho = rescale_factor(u, float(mean_count[b]), n_classes)
         loglik = sparse_dense(counts, log_w[0].T)
         del log_w
-        loglik += np.log(n_classes / r) - (rho if use_rho else scale[:, b : b + 1]) * u[None, :]
+        penalty = rho * u if use_rho else None
+        loglik += np.log(n_classes / r)
+        if penalty is None:
+            loglik -= np.multiply.outer(scale[:, b], u)
+        else:
+            loglik -= penalty
         lmax = loglik.max(axis=1, keepdims=True)
         keep = loglik > lmax - PDIFF_THRESH / b_col
-        prob = np.where(keep, np.exp(b_col * (loglik - lmax)), 0.0)
+        # In place from here on: each (n × R) temporary is a full pass over memory.
+        prob = loglik - lmax
+        prob *= b_col
+        np.exp(prob, out=prob)
+        prob *= keep
         prob /= prob.sum(axis=1, keepdims=True)
         prob *= member[:, b : b + 1]
         m = member[:, b]
         out["orientation"][m, b] = loglik.argmax(axis=1)[m]
-        out["likelihood"][m, b] = np.where(keep, prob * (loglik - sum_fact[:, None]), 0.0).sum(axis=1)[m]
+        # Σ_r P (L − Σ log K!) with P = 0 outside the kept set: one fused product.
+        likelihood = np.einsum("dr,dr->d", prob, loglik) - sum_fact * prob.sum(axis=1)
+        out["likelihood"][m, b] = likelihood[m]
+        del loglik
         significant = prob >= PROB_MIN
-        info = np.where(significant, prob * np.log(np.where(significant, prob, 1.0) * r), 0.0).sum(axis=1)
-        out["mutual_info"][m, b] = info[m]
-        out["occupancy"][:, b] = np.where(significant, prob, 0.0).reshape(n, ops.n_rotations, n_classes).sum(axis=1)
-        trimmed = np.where(prob > PROB_MIN, prob, 0.0)
+        log_pr = np.zeros_like(prob)
+        np.log(prob * r, out=log_pr, where=significant)
+        out["mutual_info"][m, b] = np.einsum("dr,dr->d", prob, log_pr)[m]
+        del log_pr
+        out["occupancy"][:, b] = (prob * significant).reshape(n, ops.n_rotations, n_classes).sum(axis=1)
+        trimmed = prob * (prob > PROB_MIN)
         density = np.count_nonzero(trimmed) / max(1, trimmed.size)
         if density < SPARSE_P_DENSITY:
             # Once β has grown, few orientations per frame pass the threshold and a sparse P
