@@ -15,12 +15,14 @@ float64 so results can be compared with Dragonfly to 1e-12.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from dask.base import tokenize
 from scipy.special import gammaln
 
 #: Probabilities at or below this are left out of the M-step numerator and saved outputs.
@@ -169,6 +171,24 @@ def expand_models(models: np.ndarray, ops: EMCOperators) -> tuple[np.ndarray, np
     return w.reshape(n_runs, r, t), u.reshape(n_runs, r)
 
 
+_EXPANDED: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_EXPAND_LOCK = threading.Lock()
+
+
+def _expanded(models: np.ndarray, ops: EMCOperators) -> tuple[np.ndarray, np.ndarray]:
+    """`expand_models`, computed once per process for the chunks that share the same models.
+
+    Chunks of one iteration on one worker all need the same tomograms; the lock makes the
+    second thread wait for the first instead of expanding the models again.
+    """
+    key = tokenize(models, id(ops))
+    with _EXPAND_LOCK:
+        if key not in _EXPANDED:
+            _EXPANDED.clear()  # one iteration's tomograms at a time (≈ R × T doubles)
+            _EXPANDED[key] = expand_models(models, ops)
+        return _EXPANDED[key]
+
+
 def photon_stats(counts: sp.csr_matrix, likelihood_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: photons N_d in mask-0 pixels and Σ_t log K_dt! over them."""
     used = counts @ sp.diags(likelihood_pixels.astype(np.float64))
@@ -250,11 +270,10 @@ def emc_chunk(
     counts_t = counts.T.tocsr()
     b_col = beta[:, None]
     for b in range(n_runs):
-        log_w, u = expand_models(models[b : b + 1], ops)
+        log_w, u = _expanded(models[b : b + 1], ops)
         u = u[0]
         rho = rescale_factor(u, float(mean_count[b]), n_classes)
         loglik = sparse_dense(counts, log_w[0].T)
-        del log_w
         penalty = rho * u if use_rho else None
         loglik += np.log(n_classes / r)
         if penalty is None:
