@@ -194,10 +194,17 @@ def map_frames(
 
 
 def _sum_partials(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    total = {k: v.copy() if hasattr(v, "copy") else v for k, v in parts[0].items()}
-    for p in parts[1:]:
+    # Inputs are never modified (a recomputed task must see them unchanged); the first sum
+    # allocates the result and the rest add into it, one pass per partial.
+    if len(parts) == 1:
+        return dict(parts[0])
+    total = {k: v + parts[1][k] for k, v in parts[0].items()}
+    for p in parts[2:]:
         for k, v in p.items():
-            total[k] = total[k] + v
+            if isinstance(total[k], np.ndarray) and total[k].shape == np.shape(v):
+                total[k] += v
+            else:
+                total[k] = total[k] + v
     return total
 
 
