@@ -2,7 +2,6 @@
 
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
-from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
 from diffdask.commonlines import (
     CLPCA,
     AbsoluteEmbedding,
@@ -12,6 +11,7 @@ from diffdask.commonlines import (
     line_samples,
     rotation_invariant_features,
 )
+from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
 from diffdask.errors import (
     BackendError,
     ClusterError,

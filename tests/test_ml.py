@@ -11,9 +11,9 @@ import torch
 import diffdask as dd
 from diffdask.ml import (
     HitClassifier,
+    MLPHead,
     ModelFileError,
     ModelSpec,
-    MLPHead,
     Preprocess,
     load_model,
     predict,

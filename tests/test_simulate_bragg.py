@@ -7,9 +7,8 @@ import math
 import dask
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
-
 from click.testing import CliRunner
+from scipy.spatial.transform import Rotation
 
 from diffdask import Geometry, ParameterError
 from diffdask.cli import main

@@ -7,7 +7,6 @@ import math
 import dask
 import numpy as np
 import pytest
-
 from click.testing import CliRunner
 
 from diffdask import Geometry, ParameterError
@@ -103,7 +102,7 @@ def test_ellipsoid_chord_and_footprint():
     ds = simulate_ptycho(16, GEOM, coverage=0.3, particle_diameter_m=(0.4e-6, 0.8e-6), seed=6, noise=False)
     sample = ptycho_sample(ds)
     assert len(sample.densities) == ds.attrs["simulation"]["n_particles"] > 0
-    (cy, cx), (a, b, c), angle, rho = sample.centers_m[0], sample.semi_axes_m[0], sample.angles_rad[0], sample.densities[0]
+    (cy, cx), (a, _, c), angle, rho = sample.centers_m[0], sample.semi_axes_m[0], sample.angles_rad[0], sample.densities[0]
     t, footprint = sample.thickness(np.array([cy]), np.array([cx]))
     # Through the centre: the cell's full thickness 2c plus its nucleus 2c·0.4 at half density.
     assert t[0] == pytest.approx(rho * 2 * c * (1 + 0.4 * 0.5))

@@ -8,14 +8,13 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from scipy.spatial.transform import Rotation
 
-from click.testing import CliRunner
-
 from diffdask import Geometry, ParameterError, StoreNotFoundError
+from diffdask.blocks import generate_frames
 from diffdask.cli import main
 from diffdask.io import open_frames
-from diffdask.blocks import generate_frames
 from diffdask.simulate import (
     Particle,
     atomic_form_factor,

@@ -19,7 +19,6 @@ from diffdask.reduce._graph import (
     total_attrs,
 )
 
-
 #: The groups of results `summarize` can include.
 PARTS = ("com", "radial", "hits")
 
