@@ -94,6 +94,22 @@ def _reduce(source: str, store: str, options: Mapping[str, Any]) -> str:
     return f"{saved.sizes['frame']} frames reduced"
 
 
+@register_step("predict", {"model", "mirror", "group"})
+def _predict(source: str, store: str, options: Mapping[str, Any]) -> str:
+    from diffdask.io import open_frames, save_results
+    from diffdask.ml import predict
+    from diffdask.ml.train import ensemble_paths
+
+    if "model" not in options:
+        raise ParameterError("step predict needs 'model' (a .pt file or an ensemble directory).")
+    model = str(options["model"])
+    paths = ensemble_paths(model) if Path(model).is_dir() else [model]
+    out = predict(open_frames(store), paths, mirror=bool(options.get("mirror", False)))
+    saved = save_results(out, store, str(options.get("group", "predict")), overwrite=True)
+    name = "probabilities" if "probabilities" in saved else "predictions"
+    return f"{name} for {saved.sizes['frame']} frames from {len(paths)} model(s)"
+
+
 @register_step("emc2d", {"classes", "rotations", "iterations", "seed", "friedel", "beta", "need_scaling"})
 def _emc2d(source: str, store: str, options: Mapping[str, Any]) -> str:
     from diffdask.emc import EMC2D

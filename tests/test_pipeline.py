@@ -133,3 +133,27 @@ def test_bad_pipelines_are_clear_errors(tmp_path):
     result = runner.invoke(main, ["run", str(path), "--scheduler", "tcp://127.0.0.1:1"])
     assert result.exit_code == 2 and "could not reach" in result.output
     assert time.time() - t0 < 20
+
+
+def test_predict_step_runs_a_model_over_each_input(client, tmp_path):
+    import torch
+
+    from diffdask.ml import HitClassifier, ModelSpec, Preprocess, save_model
+
+    (tmp_path / "archive").mkdir()
+    write_demo_cxi(str(tmp_path / "archive" / "run_00.cxi"), n_frames=40, shape=(32, 32), seed=0, block=40)
+    torch.manual_seed(0)
+    weights = save_model(HitClassifier(width=4, blocks_per_stage=(1,)).eval(), tmp_path / "model",
+                         ModelSpec("HitClassifier", {"width": 4, "blocks_per_stage": [1]},
+                                   Preprocess(crop=(16, 16)).to_dict(), ["single", "other"], input_shape=[16, 16]))
+    (tmp_path / "p.yaml").write_text(f"""
+inputs: archive/run_*.cxi
+output: out/{{stem}}.zarr
+steps:
+  - ingest: {{batch_frames: 20}}
+  - predict: {{model: {weights}, mirror: true}}
+""")
+    report = run_pipeline(load_pipeline(str(tmp_path / "p.yaml")))
+    assert [r.status for r in report.steps] == ["done", "done"], report.steps
+    probs = open_results(tmp_path / "out" / "run_00.zarr", "predict").probabilities.values
+    assert probs.shape == (40, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
