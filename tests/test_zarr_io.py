@@ -201,3 +201,17 @@ def test_fsspec_urls_work_for_reads_and_writes(photon_stack):
     with dask.config.set(scheduler="sync"):
         ds = open_frames(url)
         assert np.array_equal(ds.frames.values, photon_stack.frames.values)
+
+
+def test_results_left_half_created_by_a_killed_job_are_replaced_or_refused(tmp_path, photon_stack):
+    path = tmp_path / "run.zarr"
+    save_frames(photon_stack, path, batch_frames=16)  # consolidated metadata: no results yet
+    root = zarr.open_group(path, mode="a", use_consolidated=False)
+    partial = root.require_group("results/summary")  # what a job killed in save_results leaves
+    partial.create_array("total", shape=(70,), dtype="f8")
+    total = xr.DataArray(photon_stack.frames.values.sum(axis=(1, 2)).astype("f8"), dims="frame", name="photons")
+    with pytest.raises(dd.StoreExistsError, match="overwrite=True"):
+        save_results(total, path, "summary")
+    back = save_results(total, path, "summary", overwrite=True)
+    assert np.array_equal(back.photons.values, total.values)
+    assert list_results(path) == ["summary"]

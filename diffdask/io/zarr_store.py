@@ -82,7 +82,14 @@ def _compressor(dtype: np.dtype, clevel: int) -> BloscCodec:
 def _open_group(loc: Location, mode: str, path: str = "") -> zarr.Group:
     try:
         return zarr.open_group(
-            store=loc.url, mode=mode, path=path or None, zarr_format=3, storage_options=loc.storage_options or None
+            store=loc.url,
+            mode=mode,
+            path=path or None,
+            zarr_format=3,
+            storage_options=loc.storage_options or None,
+            # Writers must see the store as it is: the consolidated metadata describes the last
+            # finished write and misses groups a killed job left behind.
+            use_consolidated=None if mode == "r" else False,
         )
     except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
         raise StoreFormatError(
