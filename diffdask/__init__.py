@@ -1,6 +1,6 @@
 """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
 
-from diffdask.blocks import map_frames, pair_blocks, reduce_frames
+from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
 from diffdask.errors import (
@@ -29,6 +29,7 @@ from diffdask.io import (
     store_info,
 )
 from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
+from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "IncompleteStoreError",
     "NonFinitePixelsWarning",
     "ParameterError",
+    "Particle",
     "SchemaError",
     "StoreExistsError",
     "StoreFormatError",
@@ -51,6 +53,8 @@ __all__ = [
     "__version__",
     "bootstrap",
     "connect",
+    "detector_mask",
+    "generate_frames",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
@@ -66,6 +70,9 @@ __all__ = [
     "reduce_frames",
     "save_frames",
     "save_results",
+    "simulate_bragg",
+    "simulate_ptycho",
+    "simulate_spi",
     "store_info",
     "validate",
     "write_emc",

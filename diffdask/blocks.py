@@ -1,5 +1,7 @@
-"""The three Dask patterns every diffdask graph is built from, and the only hand-built graphs.
+"""The Dask patterns every diffdask graph is built from, and the only hand-built graphs.
 
+- `generate_frames`: a generator kernel per range of frame indices → new per-frame arrays
+  (simulators: each chunk is made on its worker from the seed and its frame range);
 - `map_frames`: a kernel per chunk of frames → per-frame outputs (one read of each chunk
   feeds every output of the kernel, so several reductions share one pass over the data);
 - `reduce_frames`: a kernel per chunk → partial results → a tree reduction in a fixed order;
@@ -28,6 +30,73 @@ from diffdask.errors import ParameterError
 #: An output declaration: (shape after the leading axis/axes, dtype).
 OutputSpec = tuple[tuple[int, ...], Any]
 Kernel = Callable[..., Mapping[str, Any]]
+
+
+def generate_frames(
+    kernel: Kernel,
+    n_frames: int,
+    chunk_frames: int,
+    outputs: Mapping[str, OutputSpec],
+    kwargs: Mapping[str, Any] | None = None,
+    name: str | None = None,
+) -> dict[str, da.Array]:
+    """Lazy per-frame arrays made by a generator kernel from frame-index ranges.
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(start, stop, **kwargs) -> {name: array of shape (stop - start,) + tail}``;
+        it makes frames ``start, ..., stop - 1``. A deterministic kernel that derives its
+        randomness from the frame indices (not from the chunk) gives the same bytes for any
+        ``chunk_frames`` and any number of workers.
+    n_frames : int
+        Number of frames (≥ 1).
+    chunk_frames : int
+        Frames per task and per Dask chunk (≥ 1); only the chunks being written are ever
+        held in memory.
+    outputs : mapping
+        ``{name: (tail_shape, dtype)}`` for each array the kernel returns.
+    kwargs : mapping, optional
+        Keyword arguments of the kernel (geometry maps, precomputed volumes), stored once in
+        the graph.
+    name : str, optional
+        Prefix of the task names.
+
+    Returns
+    -------
+    dict of str to dask.array.Array
+        One array per output, shape ``(n_frames,) + tail``, chunked ``chunk_frames`` along
+        the first axis. Computing several of them together runs the kernel once per chunk.
+    """
+    try:
+        n_frames, chunk_frames = int(n_frames), int(chunk_frames)
+    except (TypeError, ValueError):
+        raise ParameterError(
+            f"n_frames and chunk_frames must be integers, got {n_frames!r}, {chunk_frames!r}."
+        ) from None
+    if n_frames < 1 or chunk_frames < 1:
+        raise ParameterError(f"n_frames and chunk_frames must be ≥ 1, got {n_frames}, {chunk_frames}.")
+    specs = _check_outputs(outputs)
+    kwargs = dict(kwargs or {})
+    prefix = name or getattr(kernel, "__name__", "generate")
+    token = tokenize(kernel, n_frames, chunk_frames, specs, kwargs)
+    kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
+    starts = list(range(0, n_frames, chunk_frames))
+    chunks0 = tuple(min(chunk_frames, n_frames - s) for s in starts)
+    names = list(specs)
+    layer: dict[Any, Any] = {kwname: kwargs}
+    for i, start in enumerate(starts):
+        layer[(kname, i)] = (apply, _checked_call, [kernel, names, start, start + chunks0[i]], kwname)
+    graph = HighLevelGraph({kname: layer}, {kname: set()})
+    result = {}
+    for out, (tail, dtype) in specs.items():
+        oname = f"{prefix}-{out}-{token}"
+        zeros = (0,) * len(tail)
+        olayer = {(oname, i) + zeros: (operator.getitem, (kname, i), out) for i in range(len(starts))}
+        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {kname}}))
+        chunks = (chunks0,) + tuple((s,) for s in tail)
+        result[out] = da.Array(g, oname, chunks, meta=np.empty((0,) * (1 + len(tail)), dtype=dtype))
+    return result
 
 
 def _frame_blocks(frames: da.Array) -> da.Array:

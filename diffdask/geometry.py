@@ -297,6 +297,92 @@ class Geometry:
         u = self.unit_vectors[0 if polarization == "x" else 1]
         return 1.0 - u * u
 
+    # ------------------------------------------------------------------ tilted detector
+    @staticmethod
+    def tilt_matrix(pitch_rad: float = 0.0, yaw_rad: float = 0.0) -> np.ndarray:
+        """Rotation of a tilted detector: pitch about +x, then yaw about +y, R = R_y R_x.
+
+        A detector pixel at in-plane offset (x, y) from the beam centre sits in the laboratory
+        at ``(0, 0, distance) + R @ (x, y, 0)``: the detector turns about the point where the
+        beam meets it, so the beam centre stays where it was.
+        """
+        cp, sp = math.cos(pitch_rad), math.sin(pitch_rad)
+        cy, sy = math.cos(yaw_rad), math.sin(yaw_rad)
+        r_x = np.array([[1.0, 0.0, 0.0], [0.0, cp, -sp], [0.0, sp, cp]])
+        r_y = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
+        return r_y @ r_x
+
+    def pixel_positions_m(self, pitch_rad: float = 0.0, yaw_rad: float = 0.0) -> np.ndarray:
+        """Laboratory position of each pixel centre, metres, shape ``(3, ny, nx)`` as (x, y, z).
+
+        Parameters
+        ----------
+        pitch_rad, yaw_rad : float
+            Detector tilt about +x and +y (see `tilt_matrix`); zero gives the flat detector
+            normal to the beam at ``distance_m``.
+        """
+        y, x = self._offsets_m
+        local = np.stack([np.broadcast_to(x, self.shape), np.broadcast_to(y, self.shape), np.zeros(self.shape)])
+        pos = np.tensordot(self.tilt_matrix(pitch_rad, yaw_rad), local, axes=1)
+        pos[2] += self.distance_m
+        return pos
+
+    def tilted_maps(self, pitch_rad: float = 0.0, yaw_rad: float = 0.0) -> dict[str, np.ndarray]:
+        """Scattering vectors, 2θ and solid angles of a tilted detector.
+
+        Returns
+        -------
+        dict
+            ``unit_vectors`` (3, ny, nx), ``scattering_vectors_inv_nm`` s = (û − ẑ)/λ
+            (3, ny, nx), ``two_theta_rad`` and ``solid_angle_sr`` (ny, nx), the latter
+            A cos ψ / r² with ψ the angle between the ray and the detector normal.
+        """
+        pos = self.pixel_positions_m(pitch_rad, yaw_rad)
+        r = np.sqrt((pos**2).sum(axis=0))
+        u = pos / r
+        normal = self.tilt_matrix(pitch_rad, yaw_rad)[:, 2]
+        cos_psi = np.abs(np.tensordot(normal, u, axes=1))
+        py, px = self.pixel_size_yx_m
+        s = u.copy()
+        s[2] -= 1.0
+        return {
+            "unit_vectors": u,
+            "scattering_vectors_inv_nm": s / (self.wavelength_m * 1e9),
+            "two_theta_rad": np.arccos(np.clip(u[2], -1.0, 1.0)),
+            "solid_angle_sr": py * px * cos_psi / r**2,
+        }
+
+    def project_directions(
+        self, directions: Any, pitch_rad: float = 0.0, yaw_rad: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates where rays from the sample along ``directions`` meet the detector.
+
+        Parameters
+        ----------
+        directions : array_like, shape (3, ...)
+            Ray directions (x, y, z), any length.
+        pitch_rad, yaw_rad : float
+            Detector tilt (see `tilt_matrix`).
+
+        Returns
+        -------
+        rows, cols : ndarray
+            Fractional pixel indices (NaN where a ray runs parallel to or away from the
+            detector plane); they may fall outside the detector.
+        """
+        d = np.asarray(directions, dtype=float)
+        rot = self.tilt_matrix(pitch_rad, yaw_rad)
+        normal = rot[:, 2]
+        anchor = np.array([0.0, 0.0, self.distance_m])
+        along = np.tensordot(normal, d, axes=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(along > 0, normal @ anchor / along, np.nan)
+        hit = d * t - anchor.reshape((3,) + (1,) * (d.ndim - 1))
+        local = np.tensordot(rot.T, hit, axes=1)
+        py, px = self.pixel_size_yx_m
+        cy, cx = self.beam_center_yx
+        return cy + local[1] / py, cx + local[0] / px
+
     # ------------------------------------------------------------------ polar sampling
     def polar_grid(
         self,
