@@ -25,6 +25,7 @@ demo: install
 	$(DIFFDASK) ingest $(DEMO)/run.cxi $(DEMO)/run.zarr --overwrite \
 		--per-frame diameter_nm=entry_1/sample_1/diameter_nm --batch-frames 500
 	$(DIFFDASK) info $(DEMO)/run.zarr
+	$(DIFFDASK) reduce $(DEMO)/run.zarr --overwrite --figure $(DEMO)/reduce.png
 
 test: install
 	$(PY) -m pytest -q

@@ -30,6 +30,17 @@ from diffdask.io import (
 )
 from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
 from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
+from diffdask.reduce import (
+    center_of_mass,
+    find_hits,
+    fit_sphere_diameter,
+    lit_pixels,
+    mean_profile,
+    psd_contrast,
+    radial_profile,
+    size_filter,
+    summarize,
+)
 
 __version__ = "0.1.0"
 
@@ -55,12 +66,18 @@ __all__ = [
     "connect",
     "detector_mask",
     "generate_frames",
+    "center_of_mass",
+    "connect",
+    "find_hits",
+    "fit_sphere_diameter",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
     "list_results",
+    "lit_pixels",
     "make_frame_stack",
     "map_frames",
+    "mean_profile",
     "open_frames",
     "open_hdf5",
     "open_results",
@@ -73,7 +90,14 @@ __all__ = [
     "simulate_bragg",
     "simulate_ptycho",
     "simulate_spi",
+    "psd_contrast",
+    "radial_profile",
+    "reduce_frames",
+    "save_frames",
+    "save_results",
+    "size_filter",
     "store_info",
+    "summarize",
     "validate",
     "write_emc",
     "write_emc_output",

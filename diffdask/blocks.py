@@ -128,12 +128,17 @@ def _checked_call(kernel: Kernel, names: Sequence[str], *args: Any, **kwargs: An
     return result
 
 
+def _checked_call_at(kernel: Kernel, names: Sequence[str], offset: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _checked_call(kernel, names, *args, frame_offset=offset, **kwargs)
+
+
 def map_frames(
     kernel: Kernel,
     frames: da.Array,
     outputs: Mapping[str, OutputSpec],
     kwargs: Mapping[str, Any] | None = None,
     name: str | None = None,
+    pass_offset: bool = False,
 ) -> dict[str, da.Array]:
     """Apply ``kernel`` to each chunk of frames; return lazy per-frame outputs.
 
@@ -150,6 +155,9 @@ def map_frames(
         Keyword arguments of the kernel, stored once in the graph.
     name : str, optional
         Prefix of the task names (shown on the dashboard).
+    pass_offset : bool
+        Also pass ``frame_offset=`` (index of the chunk's first frame in the stack) to the
+        kernel, e.g. to lay frames out the same way whatever the chunking.
 
     Returns
     -------
@@ -161,13 +169,18 @@ def map_frames(
     specs = _check_outputs(outputs)
     kwargs = dict(kwargs or {})
     prefix = name or getattr(kernel, "__name__", "kernel")
-    token = tokenize(kernel, frames, specs, kwargs)
+    token = tokenize(kernel, frames, specs, kwargs, pass_offset)
     kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
     inner = (0,) * (frames.ndim - 1)
     names = list(specs)
     layer: dict[Any, Any] = {kwname: kwargs}
+    starts = np.cumsum((0,) + frames.chunks[0][:-1])
     for i in range(frames.numblocks[0]):
-        layer[(kname, i)] = (apply, _checked_call, [kernel, names, (frames.name, i) + inner], kwname)
+        block = (frames.name, i) + inner
+        if pass_offset:
+            layer[(kname, i)] = (apply, _checked_call_at, [kernel, names, int(starts[i]), block], kwname)
+        else:
+            layer[(kname, i)] = (apply, _checked_call, [kernel, names, block], kwname)
     graph = HighLevelGraph.from_collections(kname, layer, dependencies=[frames])
     result = {}
     for out, (tail, dtype) in specs.items():

@@ -44,6 +44,45 @@ def _positive(name: str, value: Any) -> float:
     return v
 
 
+def pixel_radius_map(shape: tuple[int, int], center_yx: tuple[float, float]) -> np.ndarray:
+    """Distance of each pixel centre from ``center_yx``, in pixels (no geometry needed).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Detector shape ``(ny, nx)``.
+    center_yx : tuple of float
+        Centre ``(row, column)`` in pixel-index units; it must lie on the detector (within
+        half a pixel of its edge pixels).
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), float64
+        r = hypot(i − cy, j − cx) for the pixel at row i, column j.
+
+    Raises
+    ------
+    GeometryError
+        If the centre is not two finite numbers or lies off the detector.
+    """
+    try:
+        center = tuple(float(c) for c in center_yx)
+    except (TypeError, ValueError):
+        raise GeometryError(f"a centre must be (row, column) in pixels, got {center_yx!r}.") from None
+    if len(center) != 2 or not all(math.isfinite(c) for c in center):
+        raise GeometryError(f"a centre must be two finite numbers (row, column), got {center_yx!r}.")
+    for axis, (c, n) in enumerate(zip(center, shape)):
+        if not -0.5 <= c <= n - 0.5:
+            raise GeometryError(
+                f"centre {center} lies outside the {shape[0]}×{shape[1]} detector "
+                f"({'row' if axis == 0 else 'column'} must be in [-0.5, {n - 0.5}]). "
+                "Give it in pixel-index units (row, column), not in metres."
+            )
+    i = np.arange(shape[0], dtype=float)[:, None] - center[0]
+    j = np.arange(shape[1], dtype=float)[None, :] - center[1]
+    return np.hypot(i, j)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Flat-detector geometry of a diffraction experiment.
@@ -228,10 +267,7 @@ class Geometry:
     @cached_property
     def radius_px(self) -> np.ndarray:
         """Distance of each pixel centre from the beam centre, in pixels, shape ``(ny, nx)``."""
-        cy, cx = self.beam_center_yx
-        i = np.arange(self.shape[0], dtype=float)[:, None] - cy
-        j = np.arange(self.shape[1], dtype=float)[None, :] - cx
-        return _readonly(np.hypot(i, j))
+        return _readonly(pixel_radius_map(self.shape, self.beam_center_yx))
 
     @cached_property
     def radius_m(self) -> np.ndarray:
