@@ -18,6 +18,8 @@ from diffdask.errors import (
 )
 from diffdask.frames import get_geometry, get_mask, make_frame_stack, validate
 from diffdask.geometry import Geometry
+from diffdask import latent, metrics
+from diffdask.latent import LatentModel, fit_latent, flag_outliers, sort_single_hits
 from diffdask.io import (
     ingest_hdf5,
     list_results,
@@ -52,6 +54,7 @@ __all__ = [
     "ClusterError",
     "DiffdaskError",
     "Geometry",
+    "LatentModel",
     "GeometryError",
     "IncompleteStoreError",
     "NonFinitePixelsWarning",
@@ -69,15 +72,19 @@ __all__ = [
     "center_of_mass",
     "connect",
     "find_hits",
+    "fit_latent",
+    "flag_outliers",
     "fit_sphere_diameter",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
+    "latent",
     "list_results",
     "lit_pixels",
     "make_frame_stack",
     "map_frames",
     "mean_profile",
+    "metrics",
     "open_frames",
     "open_hdf5",
     "open_results",
@@ -96,6 +103,7 @@ __all__ = [
     "save_frames",
     "save_results",
     "size_filter",
+    "sort_single_hits",
     "store_info",
     "summarize",
     "validate",

@@ -1,5 +1,7 @@
-"""Figures (matplotlib, from the ``viz`` extra); algorithms never import this package."""
+"""Figures (matplotlib) and the Bokeh latent-space explorer (the ``viz`` extra); algorithms
+never import this package."""
 
+from diffdask.viz.explorer import explorer_app, serve_explorer
 from diffdask.viz.reduce import plot_summary
 
-__all__ = ["plot_summary"]
+__all__ = ["explorer_app", "plot_summary", "serve_explorer"]
