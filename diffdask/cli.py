@@ -615,9 +615,11 @@ def latent(
 @click.option("--address", default="localhost", show_default=True, help="Interface to listen on.")
 @click.option("--group", default="latent", show_default=True, help="Result group of the latent coordinates.")
 @click.option("--max-points", type=int, default=20_000, show_default=True, help="Pickable points drawn.")
+@click.option("--hexbin-from", type=int, default=100_000, show_default=True,
+              help="Frame count from which a density of all frames is drawn under the points.")
 @click.option("--show/--no-show", default=False, show_default=True, help="Open a browser tab.")
 @_fail_clearly
-def explore(store: str, port: int, address: str, group: str, max_points: int, show: bool) -> None:
+def explore(store: str, port: int, address: str, group: str, max_points: int, hexbin_from: int, show: bool) -> None:
     """Latent-space explorer of STORE in the browser (Bokeh server; Ctrl-C stops it)."""
     from diffdask.viz.explorer import serve_explorer
 
@@ -627,7 +629,7 @@ def explore(store: str, port: int, address: str, group: str, max_points: int, sh
         sys.stdout.flush()
 
     serve_explorer(store, port=port, address=address, show=show, on_start=started, group=group,
-                   max_points=max_points)
+                   max_points=max_points, hexbin_from=hexbin_from)
 
 
 if __name__ == "__main__":

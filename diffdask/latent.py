@@ -263,9 +263,9 @@ def _features_kernel(block: Any, *, frame_offset: int, **kwargs: Any) -> dict[st
     return {"features": to_cpu(preprocess_block(block, frame_offset=frame_offset, **kwargs))}
 
 
-def _moments_kernel(block: Any, **kwargs: Any) -> dict[str, Any]:
-    x = preprocess_block(block, **kwargs).astype(np.float64)
-    return {"sum": to_cpu(x.sum(axis=0)), "sumsq": to_cpu((x * x).sum(axis=0)), "count": np.int64(x.shape[0])}
+def _moments_kernel(features: np.ndarray) -> dict[str, Any]:
+    x = features.astype(np.float64)
+    return {"sum": x.sum(axis=0), "sumsq": (x * x).sum(axis=0), "count": np.int64(x.shape[0])}
 
 
 def _frames(ds: xr.Dataset) -> da.Array:
@@ -562,14 +562,13 @@ def fit_latent(
     layout = _layout_of(ds, prep)
     n_frames = int(ds.sizes["frame"])
     k = _check_components(n_components, n_frames, layout.n_features)
-    kwargs = {"prep": prep, "layout": layout, "mask": get_mask(ds)}
+    features = latent_features(ds, prep).data
     if method == "incremental":
         if isinstance(batch_frames, bool) or int(batch_frames) < k:
             raise ParameterError(f"batch_frames must be an integer ≥ n_components ({k}), got {batch_frames!r}.")
-        features = latent_features(ds, prep).data
         components, mean, var, ratio = _fit_incremental(features, k, int(batch_frames), _window(window))
     else:
-        components, mean, var, ratio = _fit_randomized(ds, kwargs, k, layout, int(n_power_iter), int(oversampling), seed)
+        components, mean, var, ratio = _fit_randomized(features, k, int(n_power_iter), int(oversampling), seed)
     return LatentModel(
         components=components,
         mean=mean,
@@ -623,21 +622,19 @@ def _fit_incremental(
 
 
 def _fit_randomized(
-    ds: xr.Dataset, kwargs: dict[str, Any], k: int, layout: FeatureLayout, n_power_iter: int, oversampling: int, seed: int
+    features: da.Array, k: int, n_power_iter: int, oversampling: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    d = layout.n_features
+    d = features.shape[1]
     moments = reduce_frames(
         _moments_kernel,
-        _frames(ds),
+        features,
         {"sum": ((d,), np.float64), "sumsq": ((d,), np.float64), "count": ((), np.int64)},
-        kwargs=kwargs,
         name="latent-moments",
     )
     s1, s2, n = dask.compute(moments["sum"], moments["sumsq"], moments["count"])
     n = int(n)
     mean = s1 / n
     total_var = float((s2 - n * mean * mean).sum() / max(1, n - 1))
-    features = latent_features(ds, kwargs["prep"]).data
     # float64: power iterations amplify float32 rounding along weak components.
     centered = features.astype(np.float64) - mean
     _, s, v = da.linalg.svd_compressed(
@@ -650,11 +647,12 @@ def _fit_randomized(
 
 # --------------------------------------------------------------------------- transform
 def _project_kernel(block: Any, *, frame_offset: int, mean: Any, components: Any, **kwargs: Any) -> dict[str, Any]:
-    x = preprocess_block(block, frame_offset=frame_offset, **kwargs).astype(np.float64) - mean
+    # The projection is a small matrix product: done on the CPU whatever the block's device.
+    x = to_cpu(preprocess_block(block, frame_offset=frame_offset, **kwargs)).astype(np.float64) - mean
     z = x @ components.T
     # Squared distance from the PCA subspace (the components are orthonormal), per feature.
     residual = np.maximum((x * x).sum(axis=1) - (z * z).sum(axis=1), 0.0) / x.shape[1]
-    return {"latent": to_cpu(z), "residual": to_cpu(residual)}
+    return {"latent": z, "residual": residual}
 
 
 def transform(ds: xr.Dataset, model: LatentModel) -> xr.Dataset:

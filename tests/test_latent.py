@@ -216,6 +216,8 @@ def test_frames_without_photons_raise(lowrank):
     ds = dd.make_frame_stack(frames, mask=lowrank["mask"].values, chunks=40)
     with pytest.raises(dd.ParameterError, match=r"frames \[42\] hold no photons"):
         latent.fit_latent(ds, 2)
+    with pytest.raises(dd.ParameterError, match=r"frames \[42\] hold no photons"):
+        latent.fit_latent(ds, 2, "randomized")
     model = latent.fit_latent(lowrank, 2)
     with pytest.raises(dd.ParameterError, match=r"frames \[42\]"):
         latent.transform(ds, model).compute()
