@@ -235,3 +235,27 @@ def test_explorer_in_headless_chromium(store, tmp_path):
 
 def _wait_for_rect(driver, name: str) -> dict:
     return _wait_for(driver, FRAME_RECT.replace("arguments[0]", repr(name)))
+
+
+def test_lasso_then_save_through_the_app(store):
+    """The app's callbacks: a lasso polygon (all frames inside) saved with the button."""
+    from bokeh.document import Document
+    from bokeh.events import ButtonClick, SelectionGeometry
+
+    doc = Document()
+    data = explorer.ExplorerData(store, max_points=40)
+    explorer.build_document(doc, data)
+    doc.get_model_by_name("x_axis").value = "latent 0"
+    doc.get_model_by_name("y_axis").value = "latent 1"
+    plot = doc.get_model_by_name("latent_plot")
+    x = data.axes["latent 0"]
+    lo, mid, hi = x.min() - 1, np.median(x), 1e9
+    poly = {"type": "poly", "x": [lo, mid, mid, lo], "y": [-hi, -hi, hi, hi]}
+    plot._trigger_event(SelectionGeometry(plot, geometry=poly, final=True))
+    assert doc.get_model_by_name("status").text.startswith(f"{int((x < mid).sum())} frames inside")
+    doc.get_model_by_name("selection_name").value = "lasso"
+    button = doc.get_model_by_name("save_selection")
+    button._trigger_event(ButtonClick(button))
+    assert "saved" in doc.get_model_by_name("status").text
+    np.testing.assert_array_equal(dd.open_results(store, "lasso")["selected"].values, x < mid)
+    assert "lasso/selected" in doc.get_model_by_name("colour_by").options

@@ -256,10 +256,14 @@ def build_document(doc: Any, data: ExplorerData) -> None:
 
         def update_hex() -> None:
             x, y = data.axes[x_sel.value], data.axes[y_sel.value]
-            size = max(float(np.ptp(x)), float(np.ptp(y)), 1e-12) / 80
-            q, r = cartesian_to_axial(x, y, size, "pointytop")
+            # ~60 hexagons across each axis: the size sets the vertical extent, the aspect
+            # scale the horizontal one (the two axes have unrelated units).
+            span_x, span_y = max(float(np.ptp(x)), 1e-12), max(float(np.ptp(y)), 1e-12)
+            size, aspect = span_y / 60, span_y / span_x
+            q, r = cartesian_to_axial(x, y, size, "pointytop", aspect_scale=aspect)
             qr, counts = np.unique(np.column_stack([q, r]), axis=0, return_counts=True)
-            plot.renderers[0].glyph.size = size
+            glyph = plot.renderers[0].glyph
+            glyph.size, glyph.aspect_scale = size, aspect
             hex_source.data = {"q": qr[:, 0], "r": qr[:, 1], "counts": np.log1p(counts)}
             hex_mapper.high = float(np.log1p(counts.max()))
 
