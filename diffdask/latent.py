@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -459,8 +460,8 @@ def _fix_signs(components: np.ndarray) -> np.ndarray:
 def _stream_blocks(arr: da.Array, window: int) -> Iterator[np.ndarray]:
     """Yield the chunks of ``arr`` in order, computing at most ``window`` ahead.
 
-    On a distributed client the next chunks are computed on the workers while the caller
-    works on the current one; otherwise ``window`` chunks are computed together.
+    The next chunks are computed (on the workers of a distributed client, else by the local
+    scheduler in a background thread) while the caller works on the current ones.
     """
     blocks = list(arr.to_delayed().ravel())
     try:
@@ -478,8 +479,14 @@ def _stream_blocks(arr: da.Array, window: int) -> Iterator[np.ndarray]:
             yield np.asarray(fut.result())
             fut.release()
         return
-    for i in range(0, len(blocks), window):
-        yield from (np.asarray(b) for b in dask.compute(*blocks[i : i + window]))
+    groups = [blocks[i : i + window] for i in range(0, len(blocks), window)]
+    with ThreadPoolExecutor(1) as pool:
+        pending_group = pool.submit(dask.compute, *groups[0])
+        for nxt in groups[1:] + [None]:
+            done = pending_group.result()
+            if nxt is not None:
+                pending_group = pool.submit(dask.compute, *nxt)
+            yield from (np.asarray(b) for b in done)
 
 
 def _check_components(n_components: Any, n_frames: int, n_features: int) -> int:
