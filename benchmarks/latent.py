@@ -105,10 +105,14 @@ def throughput(n_frames: int, bank_frames: int, chunk: int) -> dict[str, float]:
         _bank_kernel, n_frames, chunk, {"frames": ((128, 128), np.float32)}, {"bank": bank, "seed": 3}, name="bank"
     )["frames"]
     ds = dd.make_frame_stack(frames, mask=sim["mask"].values, geometry=g, chunks=chunk)
-    t0 = time.perf_counter()
-    ds["frames"].data.sum().compute()
-    floor = time.perf_counter() - t0
-    out = {"n_frames": n_frames, "floor_s": floor}
+    def floor() -> float:
+        t0 = time.perf_counter()
+        ds["frames"].data.sum().compute()
+        return time.perf_counter() - t0
+
+    # The floor is measured before and after the fits (best of the two): on a shared machine
+    # a single measurement can land in a busier moment than the fits.
+    out = {"n_frames": n_frames, "floor_s": floor()}
     for method in ("incremental", "randomized"):
         t0 = time.perf_counter()
         model = latent.fit_latent(ds, 3, method, crop=64)
@@ -117,6 +121,7 @@ def throughput(n_frames: int, bank_frames: int, chunk: int) -> dict[str, float]:
         t2 = time.perf_counter()
         out[f"{method}_fit_s"] = t1 - t0
         out[f"{method}_transform_s"] = t2 - t1
+    out["floor_s"] = min(out["floor_s"], floor())
     return out
 
 
