@@ -3,6 +3,15 @@
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
+from diffdask.commonlines import (
+    CLPCA,
+    AbsoluteEmbedding,
+    cc_matrix,
+    clpca,
+    embed,
+    line_samples,
+    rotation_invariant_features,
+)
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -31,7 +40,6 @@ from diffdask.io import (
     store_info,
 )
 from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
-from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 from diffdask.reduce import (
     center_of_mass,
     find_hits,
@@ -43,20 +51,23 @@ from diffdask.reduce import (
     size_filter,
     summarize,
 )
+from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbsoluteEmbedding",
+    "BackendError",
+    "CLPCA",
+    "ClusterError",
+    "DiffdaskError",
     "EMC2D",
     "EMCDetector",
     "EMCResult",
-    "BackendError",
-    "ClusterError",
-    "DiffdaskError",
     "Geometry",
-    "LatentModel",
     "GeometryError",
     "IncompleteStoreError",
+    "LatentModel",
     "NonFinitePixelsWarning",
     "ParameterError",
     "Particle",
@@ -66,19 +77,22 @@ __all__ = [
     "StoreNotFoundError",
     "__version__",
     "bootstrap",
+    "cc_matrix",
+    "center_of_mass",
+    "clpca",
     "connect",
     "detector_mask",
-    "generate_frames",
-    "center_of_mass",
-    "connect",
+    "embed",
     "find_hits",
     "fit_latent",
-    "flag_outliers",
     "fit_sphere_diameter",
+    "flag_outliers",
+    "generate_frames",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
     "latent",
+    "line_samples",
     "list_results",
     "lit_pixels",
     "make_frame_stack",
@@ -89,19 +103,17 @@ __all__ = [
     "open_hdf5",
     "open_results",
     "pair_blocks",
+    "psd_contrast",
+    "radial_profile",
     "read_emc",
     "read_emc_output",
     "reduce_frames",
+    "rotation_invariant_features",
     "save_frames",
     "save_results",
     "simulate_bragg",
     "simulate_ptycho",
     "simulate_spi",
-    "psd_contrast",
-    "radial_profile",
-    "reduce_frames",
-    "save_frames",
-    "save_results",
     "size_filter",
     "sort_single_hits",
     "store_info",
