@@ -93,8 +93,9 @@ def test_document_builds_with_and_without_hexbin(store):
 
     for hexbin_from in (10**9, 100):
         doc = Document()
+        # explorer_app is what Jupyter's bokeh.io.show and the Bokeh server call with a document.
+        explorer.explorer_app(store, hexbin_from=hexbin_from, max_points=100)(doc)
         data = explorer.ExplorerData(store, hexbin_from=hexbin_from, max_points=100)
-        explorer.build_document(doc, data)
         for name in ("latent_plot", "latent_source", "pattern_source", "frame_info", "save_selection"):
             assert doc.get_model_by_name(name) is not None, name
         hexes = doc.get_model_by_name("hex_source")  # in the document only when drawn
