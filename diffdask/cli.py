@@ -798,8 +798,6 @@ def latent(
 ) -> None:
     """Latent space (PCA) of STORE and single-hit flags; writes latent, residual, single_hit, outlier_score
     and the model to results/GROUP."""
-    import xarray as xr
-
     from diffdask.io import list_results, open_frames, open_results, save_results
     from diffdask.latent import check_contamination, explained_variance_summary, sort_single_hits
     from diffdask.metrics import classification_report
@@ -817,9 +815,7 @@ def latent(
             expected_single_fraction=single_fraction, seed=seed, method=method, crop=crop,
             downsample=downsample, factor=factor, intensity=intensity,
         )
-        stored = xr.merge([result, model.to_dataset()], combine_attrs="override")
-        stored.attrs = dict(result.attrs)
-        run_with_progress(client, save_results(stored, store, group, overwrite=overwrite, compute=False))
+        run_with_progress(client, save_results(result, store, group, overwrite=overwrite, compute=False))
         saved = open_results(store, group)[["single_hit", "outlier_score"]].compute()
     flags = saved["single_hit"].values
     outl = result.attrs["outliers"]

@@ -904,7 +904,9 @@ def sort_single_hits(
     model : LatentModel
     results : xarray.Dataset
         ``latent``, ``residual``, ``single_hit``, ``outlier_score`` on ``frame`` (lazy except
-        for the fits), attrs recording every parameter.
+        for the fits) and the model's arrays (``components``, ``mean``, ...), attrs recording
+        every parameter: stored with ``save_results`` it is one group from which
+        `LatentModel.from_dataset` rebuilds the model.
     """
     if contamination is None and expected_single_fraction is None:
         sim = ds.attrs.get("simulation")
@@ -920,7 +922,7 @@ def sort_single_hits(
         expected_single_fraction=expected_single_fraction,
         seed=seed,
     )
-    results = xr.merge([z, flags], combine_attrs="drop")
+    results = xr.merge([z, flags, model.to_dataset()], combine_attrs="drop")
     results.attrs = {
         **z.attrs,
         "outliers": dict(flags.attrs),

@@ -246,3 +246,22 @@ def test_cli_latent_writes_results(cluster, mixture, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
     bad = runner.invoke(main, ["latent", str(store), "--contamination", "0.7", "--overwrite"])
     assert bad.exit_code == 2 and "(0, 0.5]" in bad.output
+
+
+def test_pipeline_latent_step(tmp_path):
+    from diffdask.demo import write_demo_cxi
+    from diffdask.pipeline import load_pipeline, run_pipeline
+
+    (tmp_path / "archive").mkdir()
+    write_demo_cxi(str(tmp_path / "archive" / "run_00.cxi"), n_frames=80, shape=(32, 32), seed=2, block=40)
+    (tmp_path / "pipeline.yaml").write_text(
+        "inputs: archive/run_*.cxi\noutput: processed/{stem}.zarr\nsteps:\n"
+        "  - ingest: {batch_frames: 40}\n  - latent: {components: 2, single_fraction: 0.9}\n"
+    )
+    with dask.config.set(scheduler="synchronous"):
+        report = run_pipeline(load_pipeline(str(tmp_path / "pipeline.yaml")))
+    assert [r.status for r in report.steps] == ["done", "done"], report.steps
+    res = dd.open_results(tmp_path / "processed" / "run_00.zarr", "latent")
+    assert res["latent"].shape == (80, 2) and res.attrs["outliers"]["contamination"] == pytest.approx(0.1)
+    assert latent.LatentModel.from_dataset(res).n_components == 2
+    assert "frames flagged single hits" in report.steps[1].message
