@@ -753,9 +753,11 @@ def _score_kernel(block: Any, *, envelope: _Envelope) -> dict[str, Any]:
 
 def _feature_matrix(latent: Any, residual: Any) -> da.Array:
     z = latent.data if isinstance(latent, xr.DataArray) else latent
-    z = z if isinstance(z, da.Array) else da.from_array(np.asarray(z), chunks=(max(1, len(z)), -1))
+    z = z if isinstance(z, da.Array) else np.asarray(z)
     if z.ndim != 2:
         raise ParameterError(f"latent must be 2-D (frame, component), got shape {z.shape}.")
+    if not isinstance(z, da.Array):
+        z = da.from_array(z, chunks=(max(1, len(z)), -1))
     if residual is None:
         return z.astype(np.float64)
     r = residual.data if isinstance(residual, xr.DataArray) else residual

@@ -210,6 +210,8 @@ def test_bad_inputs_raise_clear_errors(lowrank):
             latent.flag_outliers(z, c)
     with pytest.raises(dd.ParameterError, match="one value per frame"):
         latent.flag_outliers(z, 0.1, residual=np.ones(3))
+    with pytest.raises(dd.ParameterError, match="2-D"):
+        latent.flag_outliers(z[:, 0], 0.1)
 
 
 def test_frames_without_photons_raise(lowrank):
