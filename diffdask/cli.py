@@ -841,9 +841,12 @@ def latent(
 @click.option("--max-points", type=int, default=20_000, show_default=True, help="Pickable points drawn.")
 @click.option("--hexbin-from", type=int, default=100_000, show_default=True,
               help="Frame count from which a density of all frames is drawn under the points.")
+@click.option("--allow-origin", multiple=True, metavar="HOST[:PORT]",
+              help="Host a remote browser uses to reach the server (repeatable; with --address 0.0.0.0).")
 @click.option("--show/--no-show", default=False, show_default=True, help="Open a browser tab.")
 @_fail_clearly
-def explore(store: str, port: int, address: str, group: str, max_points: int, hexbin_from: int, show: bool) -> None:
+def explore(store: str, port: int, address: str, group: str, max_points: int, hexbin_from: int,
+            allow_origin: tuple[str, ...], show: bool) -> None:
     """Latent-space explorer of STORE in the browser (Bokeh server; Ctrl-C stops it)."""
     from diffdask.viz.explorer import serve_explorer
 
@@ -853,7 +856,7 @@ def explore(store: str, port: int, address: str, group: str, max_points: int, he
         sys.stdout.flush()
 
     serve_explorer(store, port=port, address=address, show=show, on_start=started, group=group,
-                   max_points=max_points, hexbin_from=hexbin_from)
+                   max_points=max_points, hexbin_from=hexbin_from, allow_websocket_origin=list(allow_origin) or None)
 
 
 if __name__ == "__main__":

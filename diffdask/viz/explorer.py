@@ -414,7 +414,14 @@ def serve_explorer(
     from bokeh.server.server import Server
 
     app = Application(FunctionHandler(explorer_app(store, **options)))
-    origins = allow_websocket_origin or [f"{address}:{port}" if port else "*", f"localhost:{port}" if port else "*"]
+    if int(port) == 0:
+        # Pick the free port here: the allowed websocket origins must name it.
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind((address, 0))
+            port = sock.getsockname()[1]
+    origins = allow_websocket_origin or [f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
     server = Server({"/explorer": app}, port=int(port), address=address, allow_websocket_origin=origins)
     server.start()
     url = f"http://{address}:{server.port}/explorer"
