@@ -784,8 +784,9 @@ def flag_outliers(
     """Flag single hits: frames inside a robust elliptic envelope of the latent space.
 
     The envelope (`sklearn.covariance.EllipticEnvelope`, a minimum-covariance-determinant
-    Gaussian fit) is fitted on at most ``max_fit_frames`` frames drawn with ``seed``; every
-    frame is then scored lazily by its squared Mahalanobis distance to it.
+    Gaussian fit) is fitted on at most ``max_fit_frames`` frames drawn with ``seed`` (the fit
+    computes their latent coordinates now); every frame is then scored lazily by its squared
+    Mahalanobis distance to it.
 
     Parameters
     ----------
