@@ -12,7 +12,9 @@
     lazily from a bank of simulated patterns (Poisson counts drawn per chunk), against the
     floor of generating and summing the same frames.
 
-Run: ``python benchmarks/latent.py`` (``--help`` for sizes); prints Markdown tables.
+Run: ``python benchmarks/latent.py`` (every variant at every fraction, about an hour on 2 cores);
+the BENCHMARKS.md tables are ``--fractions 0.8`` (all variants), ``--variants main`` (every
+fraction) and ``--skip-sorting`` (throughput). ``--help`` for sizes; prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
     ("crop 64, latent only", {"crop": 64}, False),
     ("crop 64, latent + log residual", {"crop": 64}, True),
     ("crop 64, 5 components, latent + log residual", {"crop": 64, "n_components": 5}, True),
+    ("crop 64, 5 components, randomized, latent + log residual",
+     {"crop": 64, "n_components": 5, "method": "randomized"}, True),
     ("crop 64, bin 2, latent + log residual", {"crop": 64, "downsample": "bin", "factor": 2}, True),
     ("crop 64, Fourier ÷2, latent + log residual", {"crop": 64, "downsample": "fourier", "factor": 2}, True),
     ("crop 64, sqrt, latent + log residual", {"crop": 64, "intensity": "sqrt"}, True),
     ("crop 64, log, latent + log residual", {"crop": 64, "intensity": "log"}, True),
 ]
-CHOSEN = "crop 64, latent + log residual"
+CHOSEN = "crop 64, 5 components, latent + log residual"
 
 
 def geometry() -> dd.Geometry:
@@ -132,13 +136,15 @@ def main() -> None:
     parser.add_argument("--bank-frames", type=int, default=500, help="Simulated patterns the throughput stack draws from.")
     parser.add_argument("--chunk", type=int, default=1000, help="Frames per chunk of the throughput stack.")
     parser.add_argument("--variants", default="all",
-                        help="'all', 'chosen' (only the chosen preprocessing) or 'main' (chosen, 5 components, latent only).")
+                        help="'all', 'chosen' (only the chosen preprocessing) or 'main' (chosen, also randomized, "
+                             "3 components + residual, latent only).")
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="Single-hit fractions, comma-separated.")
     parser.add_argument("--skip-sorting", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     print(f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}")
-    main_labels = {CHOSEN, "crop 64, 5 components, latent + log residual", "crop 64, latent only"}
+    main_labels = {CHOSEN, "crop 64, latent + log residual", "crop 64, latent only",
+                   "crop 64, 5 components, randomized, latent + log residual"}
     variants = {
         "all": VARIANTS,
         "main": [v for v in VARIANTS if v[0] in main_labels],
