@@ -29,6 +29,7 @@ demo: install
 	$(DIFFDASK) reduce $(DEMO)/run.zarr --overwrite --figure $(DEMO)/reduce.png
 
 test: install
+	sh tests/install_browser.sh
 	$(PY) -m pytest -q
 
 bench: install

@@ -27,6 +27,8 @@ from diffdask.errors import (
 )
 from diffdask.frames import get_geometry, get_mask, make_frame_stack, validate
 from diffdask.geometry import Geometry
+from diffdask import latent, metrics
+from diffdask.latent import LatentModel, fit_latent, flag_outliers, sort_single_hits
 from diffdask.io import (
     ingest_hdf5,
     list_results,
@@ -65,6 +67,7 @@ __all__ = [
     "Geometry",
     "GeometryError",
     "IncompleteStoreError",
+    "LatentModel",
     "NonFinitePixelsWarning",
     "ParameterError",
     "Particle",
@@ -81,17 +84,21 @@ __all__ = [
     "detector_mask",
     "embed",
     "find_hits",
+    "fit_latent",
     "fit_sphere_diameter",
+    "flag_outliers",
     "generate_frames",
     "get_geometry",
     "get_mask",
     "ingest_hdf5",
+    "latent",
     "line_samples",
     "list_results",
     "lit_pixels",
     "make_frame_stack",
     "map_frames",
     "mean_profile",
+    "metrics",
     "open_frames",
     "open_hdf5",
     "open_results",
@@ -108,6 +115,7 @@ __all__ = [
     "simulate_ptycho",
     "simulate_spi",
     "size_filter",
+    "sort_single_hits",
     "store_info",
     "summarize",
     "validate",

@@ -8,6 +8,7 @@ A pipeline file (YAML) names the inputs, where each input's store goes, and the 
     steps:
       - ingest: {dataset: entry_1/data_1/data, batch_frames: 500}
       - emc2d: {classes: 4, rotations: 12, iterations: 5}
+      - latent: {components: 5, crop: 64, single_fraction: 0.95}
 
 Each (input, step) pair is marked done — a small JSON file written with an atomic rename — only
 after the step has finished writing; steps themselves write resumable stores, so a run killed
@@ -129,6 +130,33 @@ def _emc2d(source: str, store: str, options: Mapping[str, Any]) -> str:
     final = result.final
     save_results(final.to_dataset(0), store, "emc2d/final", overwrite=True)
     return f"log-likelihood {final.log_likelihood[0]:.6e} after {final.iteration} iterations"
+
+
+@register_step(
+    "latent",
+    {"components", "contamination", "single_fraction", "method", "crop", "downsample", "factor", "intensity",
+     "latent_only", "seed"},
+)
+def _latent(source: str, store: str, options: Mapping[str, Any]) -> str:
+    from diffdask.io import open_frames, save_results
+    from diffdask.latent import explained_variance_summary, sort_single_hits
+
+    model, result = sort_single_hits(
+        open_frames(store),
+        int(options.get("components", 3)),
+        options.get("contamination"),
+        use_residual=not bool(options.get("latent_only", False)),
+        expected_single_fraction=options.get("single_fraction"),
+        seed=int(options.get("seed", 0)),
+        method=str(options.get("method", "incremental")),
+        crop=options.get("crop"),
+        downsample=str(options.get("downsample", "none")),
+        factor=int(options.get("factor", 1)),
+        intensity=str(options.get("intensity", "none")),
+    )
+    saved = save_results(result, store, "latent", overwrite=True)
+    n_single = int(saved["single_hit"].values.sum())
+    return f"{explained_variance_summary(model)}; {n_single} of {saved.sizes['frame']} frames flagged single hits"
 
 
 @dataclass
