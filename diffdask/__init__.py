@@ -41,6 +41,7 @@ from diffdask.reduce import (
     size_filter,
     summarize,
 )
+from diffdask.roi import find_roi, grow_roi, scan_grid, scan_maps
 
 __version__ = "0.1.0"
 
@@ -69,9 +70,11 @@ __all__ = [
     "center_of_mass",
     "connect",
     "find_hits",
+    "find_roi",
     "fit_sphere_diameter",
     "get_geometry",
     "get_mask",
+    "grow_roi",
     "ingest_hdf5",
     "list_results",
     "lit_pixels",
@@ -87,6 +90,8 @@ __all__ = [
     "reduce_frames",
     "save_frames",
     "save_results",
+    "scan_grid",
+    "scan_maps",
     "simulate_bragg",
     "simulate_ptycho",
     "simulate_spi",

@@ -1,5 +1,6 @@
 """Figures (matplotlib, from the ``viz`` extra); algorithms never import this package."""
 
 from diffdask.viz.reduce import plot_summary
+from diffdask.viz.roi import plot_com_quiver, plot_roi, plot_roi_maps, plot_roi_selection
 
-__all__ = ["plot_summary"]
+__all__ = ["plot_com_quiver", "plot_roi", "plot_roi_maps", "plot_roi_selection", "plot_summary"]
