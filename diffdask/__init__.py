@@ -41,7 +41,7 @@ from diffdask.reduce import (
     size_filter,
     summarize,
 )
-from diffdask.roi import find_roi, grow_roi, scan_grid, scan_maps
+from diffdask.roi import differential_phase, find_roi, grow_roi, scan_grid, scan_maps
 
 __version__ = "0.1.0"
 
@@ -66,6 +66,7 @@ __all__ = [
     "bootstrap",
     "connect",
     "detector_mask",
+    "differential_phase",
     "generate_frames",
     "center_of_mass",
     "connect",

@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from diffdask import (
     DiffdaskError,
     Geometry,
+    GeometryError,
     ParameterError,
     SchemaError,
+    differential_phase,
     find_roi,
     grow_roi,
     make_frame_stack,
@@ -25,7 +27,7 @@ from diffdask import (
 )
 from diffdask.cli import main
 from diffdask.io import open_results, save_frames
-from diffdask.simulate import make_probe, scan_positions
+from diffdask.simulate import make_probe, object_ground_truth, scan_positions
 
 matplotlib.use("Agg")
 
@@ -244,6 +246,32 @@ def test_empty_frames_are_flagged_and_left_out():
     assert not roi.in_roi.values[[0, 450, 899]].any()
     assert np.isnan(roi.com_map.values[[0, 450, 899]]).all()
     assert np.isfinite(roi.com_map.values[~roi.empty.values]).all()
+
+
+# --------------------------------------------------------------------------- DPC
+
+
+def test_differential_phase_measures_the_prism_slope_and_the_phantom_phase():
+    ds, where = _slab_and_prism_scan()
+    dpc = differential_phase(ds).compute()
+    x, y = ds.scan_x.values / DX, ds.scan_y.values / DX
+    inside = np.hypot(y, x - 12) < 9 - 3  # prism positions a probe width from its rim
+    # The prism's ramp is 0.33 rad per object pixel along x and flat along y.
+    np.testing.assert_allclose(dpc.phase_gradient_x.values[inside] * DX, 0.33, rtol=0.03)
+    assert np.abs(dpc.phase_gradient_y.values[inside] * DX).max() < 0.02
+    interior = where["slab interior"]
+    assert np.abs(dpc.phase_gradient_x.values[interior] * DX).max() < 0.02
+    # Integrated phase of a simulated scan against the phantom's −kδt at the positions.
+    scan = phantom("strong absorber")
+    phase = differential_phase(lazy(scan)).compute().dpc_phase.values
+    truth = object_ground_truth(scan).thickness_m.sel(y_m=scan.scan_y, x_m=scan.scan_x, method="nearest").values
+    true_phase = -2 * math.pi / LAM * 1e-5 * truth
+    assert np.corrcoef(phase, true_phase)[0, 1] > 0.95
+    assert np.std(phase) == pytest.approx(np.std(true_phase), rel=0.15)
+    with pytest.raises(ParameterError, match="raster"):
+        differential_phase(lazy(phantom("irregular positions"))).compute()
+    with pytest.raises(GeometryError, match="geometry"):
+        differential_phase(_stack(scan_y=np.zeros(6), scan_x=np.arange(6.0)))
 
 
 # --------------------------------------------------------------------------- border
