@@ -19,6 +19,9 @@ measured in units of the estimated scan step. Either way a neighbourhood is ever
 within a Chebyshev distance of half the window plus half a step, so on a raster it is exactly
 the square window, and grown or shrunk regions (`grow_roi`) move their border by whole steps.
 
+The same CoM field gives differential phase contrast (`differential_phase`): the deflection
+is the phase gradient, integrated to a phase map on a raster.
+
 The per-frame CoM is one lazy pass over the frames (`diffdask.center_of_mass`); everything
 after it works on a few numbers per scan position and runs as one task over the whole scan,
 so the result does not depend on the chunking of the frames.
@@ -168,7 +171,7 @@ def _neighbourhoods(gy: np.ndarray, gx: np.ndarray, half_width_steps: float) -> 
     lists = cKDTree(points).query_ball_point(points, half_width_steps + 0.5, p=np.inf)
     lengths = np.fromiter((len(n) for n in lists), dtype=np.int64, count=len(lists))
     indptr = np.concatenate([[0], np.cumsum(lengths)])
-    indices = np.concatenate([np.asarray(n, dtype=np.int64) for n in lists]) if len(lists) else np.zeros(0, int)
+    indices = np.concatenate([np.asarray(n, dtype=np.int64) for n in lists])
     n = len(gy)
     return sparse.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(n, n))
 
@@ -444,13 +447,15 @@ def _inputs(ds: xr.Dataset) -> da.Array:
 
 
 def _assemble(ds: xr.Dataset, arrays: dict[str, da.Array], columns: da.Array, attrs: dict[str, Any]) -> xr.Dataset:
-    data: dict[str, Any] = {}
-    for i, name in enumerate(_MAP_INPUTS):
-        data[name] = ("frame", columns[:, i], dict(_ATTRS.get(name, {})))
     units = ds["frames"].attrs.get("units") or ds.attrs.get("units")
-    data["total"][2].update({"long_name": "absorption contrast T: sum of good pixels"}, **({"units": units} if units else {}))
-    data["com_y"][2].update(units="pixel", long_name="centre of mass, row (eq. 1)")
-    data["com_x"][2].update(units="pixel", long_name="centre of mass, column (eq. 1)")
+    input_attrs = {
+        "scan_y": _ATTRS["scan_y"],
+        "scan_x": _ATTRS["scan_x"],
+        "total": {"long_name": "absorption contrast T: sum of good pixels", **({"units": units} if units else {})},
+        "com_y": {"units": "pixel", "long_name": "centre of mass, row (eq. 1)"},
+        "com_x": {"units": "pixel", "long_name": "centre of mass, column (eq. 1)"},
+    }
+    data: dict[str, Any] = {name: ("frame", columns[:, i], dict(input_attrs[name])) for i, name in enumerate(_MAP_INPUTS)}
     for name, arr in arrays.items():
         data[name] = ("frame", arr, dict(_ATTRS[name]))
     return xr.Dataset(data, coords=frame_coords(ds), attrs=attrs)
@@ -571,7 +576,9 @@ def grow_roi(roi: xr.Dataset, steps: int) -> xr.Dataset:
         ``roi`` with ``in_roi``, ``n_in_roi`` and ``roi_fraction`` replaced, and the total
         border change recorded in ``attrs["border_steps"]``.
     """
-    steps = _check_int("steps", steps, -(2**31))
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ParameterError(f"steps must be a whole number of scan steps (negative shrinks), got {steps!r}.")
+    steps = int(steps)
     if not isinstance(roi, xr.Dataset) or not {"in_roi", "grid_y", "grid_x"} <= set(roi.variables):
         raise SchemaError("grow_roi takes the Dataset from find_roi (with in_roi, grid_y and grid_x).")
     columns = da.stack(
