@@ -532,7 +532,9 @@ def find_roi(ds: xr.Dataset, filter_size: int = 3, n_init: int = 10, seed: int =
     Notes
     -----
     The k-means split runs on the log of each filtered map (the scale the paper shows them
-    on): totals and CoM magnitudes span decades between background and object.
+    on): totals and CoM magnitudes span decades between background and object. To store the
+    region beside the frames, save the per-frame variables (``diffdask roi`` does), e.g.
+    ``save_results(roi.drop_vars(["n_in_roi", "roi_fraction"]), store, "roi")``.
     """
     size = _check_int("filter_size", filter_size, 1)
     if size % 2 == 0:

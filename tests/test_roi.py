@@ -397,6 +397,8 @@ def test_cli_roi_writes_the_region_and_figures(cluster, tmp_path):
     # Other parameters into the same group: refused unless --overwrite.
     again = CliRunner().invoke(main, ["roi", str(store), "--scheduler", cluster.scheduler_address])
     assert again.exit_code == 2 and "--overwrite" in again.output
+    bad = CliRunner().invoke(main, ["roi", str(store), "--filter-size", "2", "--group", "other"])
+    assert bad.exit_code == 2 and "odd" in bad.output
 
 
 def test_cli_roi_without_positions_fails_clearly(cluster, tmp_path):
