@@ -23,7 +23,8 @@ demo: install
 	mkdir -p $(DEMO)
 	$(PY) -m diffdask.demo $(DEMO)/run.cxi --n-frames 2000
 	$(DIFFDASK) ingest $(DEMO)/run.cxi $(DEMO)/run.zarr --overwrite \
-		--per-frame diameter_nm=entry_1/sample_1/diameter_nm --batch-frames 500
+		--per-frame diameter_nm=entry_1/sample_1/diameter_nm --per-frame single_hit=entry_1/sample_1/single_hit \
+		--per-frame n_particles=entry_1/sample_1/n_particles --batch-frames 500
 	$(DIFFDASK) info $(DEMO)/run.zarr
 	$(DIFFDASK) reduce $(DEMO)/run.zarr --overwrite --figure $(DEMO)/reduce.png
 

@@ -4,14 +4,16 @@ On one synthetic stack (Poisson photons of a sphere pattern plus background, flo
 beamstop and a panel gap in the mask, beam off-centre) this measures:
 
 (a) floors: one in-memory pass (``frames.sum()`` on the same Dask chunks and threads) and
-    one pass reading the compressed Zarr store (`open_frames`, decompress + sum);
+    one pass reading the compressed Zarr store (`open_frames`, decompress + sum, and a pure
+    read that decompresses and touches one pixel per frame, both through a Dask blockwise op
+    and through `map_frames`; the fastest counts);
 (b) diffdask `center_of_mass`, `radial_profile`, `lit_pixels` and `summarize`, in memory and
     from the Zarr store;
 (c) peers on the same frames, from the benchmark environment only
     (``benchmarks/setup_bench_env.sh``): LiberTEM ``CoMUDF`` and ``ApplyMasksUDF`` with one
-    ring mask per radial bin (LiberTEM's best executor of 'threads' and 'dask' with all
-    cores), and pyFAI ``integrate1d`` per frame with the CSR engine (no pixel splitting,
-    same bins, same mask; timed on a subset and given as a rate).
+    ring mask per radial bin (its 'threads' executor on all cores by default; the best of
+    ``--libertem-executors``), and pyFAI ``integrate1d`` per frame with the CSR engine (no
+    pixel splitting, same bins, same mask; timed on a subset and scaled to all frames).
 
 Throughputs are printed as frames/s and as ratios (against the floors and the peers).
 Peers that are not installed are reported as missing, not skipped silently.
@@ -44,15 +46,17 @@ import dask.array as da
 import numpy as np
 
 import diffdask as dd
+from diffdask.blocks import map_frames
 from diffdask.io import open_frames, save_frames, save_results, store_info
 
 GEOMETRY = dict(pixel_size_m=75e-6, distance_m=0.13, wavelength_m=0.729e-9)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call (CPU time is steadier on a shared machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def make_geometry(shape: tuple[int, int]) -> dd.Geometry:
@@ -83,11 +87,28 @@ def make_frames(n: int, geometry: dd.Geometry, photons: float, dtype: str, seed:
     return out
 
 
-def diffdask_cases(ds: Any, threshold: float) -> dict[str, Callable[[], Any]]:
-    """The diffdask reductions of a frame stack, each computed with the current scheduler."""
+def _corner(block: np.ndarray, **_: Any) -> dict[str, np.ndarray]:
+    return {"corner": block[:, 0, 0].copy()}
+
+
+def diffdask_cases(ds: Any, threshold: float, read_floors: bool) -> dict[str, Callable[[], Any]]:
+    """The diffdask reductions of a frame stack, each computed with the current scheduler.
+
+    With ``read_floors`` (a store) the floor is also timed as a pure read — decompress and
+    touch one pixel per frame — through a Dask blockwise op and through the same
+    `map_frames` graph the reductions use; the fastest of the floors counts.
+    """
     frames = ds.frames.data
+    floors: dict[str, Callable[[], Any]] = {"floor: sum": lambda: frames.sum().compute()}
+    if read_floors:
+        floors["floor: read (map_blocks)"] = lambda: frames.map_blocks(
+            lambda b: b[:, 0, 0].copy(), drop_axis=(1, 2), dtype=frames.dtype
+        ).compute()
+        floors["floor: read (map_frames)"] = lambda: map_frames(
+            _corner, frames, {"corner": ((), frames.dtype)}, pass_offset=True
+        )["corner"].compute()
     return {
-        "floor": lambda: frames.sum().compute(),
+        **floors,
         "center_of_mass": lambda: dd.center_of_mass(ds).compute(),
         "radial_profile": lambda: dd.radial_profile(ds).compute(),
         "lit_pixels": lambda: dd.lit_pixels(ds, threshold).compute(),
@@ -95,8 +116,10 @@ def diffdask_cases(ds: Any, threshold: float) -> dict[str, Callable[[], Any]]:
     }
 
 
-def libertem_cases(frames: np.ndarray, op: Any, stack: contextlib.ExitStack) -> dict[str, Callable[[], Any]]:
-    """LiberTEM CoMUDF and ring masks (one per radial bin) with its 'threads' and 'dask' executors."""
+def libertem_cases(
+    frames: np.ndarray, op: Any, stack: contextlib.ExitStack, executors: list[str]
+) -> dict[str, Callable[[], Any]]:
+    """LiberTEM CoMUDF and ring masks (one per radial bin) with each of its ``executors``."""
     import libertem.api as lt
     from libertem.udf.com import CoMUDF
     from libertem.udf.masks import ApplyMasksUDF
@@ -111,7 +134,7 @@ def libertem_cases(frames: np.ndarray, op: Any, stack: contextlib.ExitStack) -> 
     factories = [(lambda k=k: (bins == k).astype(np.float32)) for k in range(op.n_bins)]
     cy, cx = op.center_yx
     cases = {}
-    for executor in ("threads", "dask"):
+    for executor in executors:
         ctx = stack.enter_context(lt.Context.make_with(executor, cpus=os.cpu_count()))
         lds = ctx.load("memory", data=data, sig_dims=2)
 
@@ -126,9 +149,17 @@ def libertem_cases(frames: np.ndarray, op: Any, stack: contextlib.ExitStack) -> 
     return cases
 
 
-def pyfai_case(frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geometry, n_frames: int) -> Callable[[], Any]:
-    """pyFAI integrate1d on ``n_frames`` frames, one call per frame, CSR engine, same bins and mask."""
+def pyfai_cases(
+    frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geometry, n_frames: int
+) -> dict[str, Callable[[], Any]]:
+    """pyFAI integrate1d on ``n_frames`` frames, one call per frame, CSR engine, same bins and mask.
+
+    Timed with OpenMP's default thread count and with one thread: on a loaded 2-core machine
+    pyFAI's OpenMP loop was measured 10-20× slower with 2 threads than with 1, so both are
+    run and its best counts.
+    """
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+    from threadpoolctl import threadpool_limits
 
     cy, cx = op.center_yx
     p = geometry.pixel_size_yx_m[0]
@@ -153,7 +184,11 @@ def pyfai_case(frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geome
         for frame in sub:
             ai.integrate1d(frame, op.n_bins, **kwargs)
 
-    return run
+    def run_one_thread() -> None:
+        with threadpool_limits(1, user_api="openmp"):
+            run()
+
+    return {"pyFAI integrate1d (csr, OpenMP default)": run, "pyFAI integrate1d (csr, 1 thread)": run_one_thread}
 
 
 def run_comparison(args: argparse.Namespace, work: Path) -> None:
@@ -171,34 +206,52 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     op = _operator(ds)
     n = args.n_frames
     cases: dict[tuple[str, str], Callable[[], Any]] = {}
-    cases.update({("memory", k): f for k, f in diffdask_cases(ds, args.threshold).items()})
-    cases.update({("zarr", k): f for k, f in diffdask_cases(zds, args.threshold).items()})
+    cases.update({("memory", k): f for k, f in diffdask_cases(ds, args.threshold, read_floors=False).items()})
+    cases.update({("zarr", k): f for k, f in diffdask_cases(zds, args.threshold, read_floors=True).items()})
     missing = []
     with contextlib.ExitStack() as stack:
         if not args.no_peers:
             try:
-                cases.update({("peer", k): f for k, f in libertem_cases(frames, op, stack).items()})
+                executors = args.libertem_executors.split(",")
+                peers = libertem_cases(frames, op, stack, executors)
+                cases.update({("peer", k): f for k, f in peers.items()})
             except ImportError:
                 missing.append("libertem (run benchmarks/setup_bench_env.sh)")
             try:
-                cases[("peer", "pyFAI integrate1d (csr)")] = pyfai_case(frames, mask, op, geometry, args.pyfai_frames)
+                fai = pyfai_cases(frames, mask, op, geometry, args.pyfai_frames)
+                cases.update({("peer", k): f for k, f in fai.items()})
             except ImportError:
                 missing.append("pyFAI (run benchmarks/setup_bench_env.sh)")
         for fn in cases.values():  # warm-up: numba, worker start, CSR matrices, page cache
             fn()
         # Rounds interleave every case, so a load change on the machine hits all of them;
-        # each case keeps its best round.
-        best = {key: math.inf for key in cases}
+        # each case keeps its best round (wall and CPU separately).
+        wall = {key: math.inf for key in cases}
+        cpu = {key: math.inf for key in cases}
         for _ in range(args.repeat):
             for key, fn in cases.items():
-                best[key] = min(best[key], _timed(fn))
-    pyfai_key = ("peer", "pyFAI integrate1d (csr)")
-    if pyfai_key in best:
-        best[pyfai_key] *= n / min(n, args.pyfai_frames)  # per-frame calls: scale to all frames
+                w, c = _timed(fn)
+                wall[key], cpu[key] = min(wall[key], w), min(cpu[key], c)
+    for key in wall:
+        if key[1].startswith("pyFAI"):
+            scale = n / min(n, args.pyfai_frames)  # per-frame calls: scale to all frames
+            wall[key] *= scale
+            cpu[key] *= scale
 
-    def peer(name: str) -> float:
-        times = [t for (src, k), t in best.items() if src == "peer" and k.startswith(name)]
-        return min(times) if times else math.nan
+    def peer(name: str) -> tuple[float, float]:
+        keys = [k for k in wall if k[0] == "peer" and k[1].startswith(name)]
+        if not keys:
+            return math.nan, math.nan
+        return min(wall[k] for k in keys), min(cpu[k] for k in keys)
+
+    # The floor of a source is the fastest of its floor passes (the harder target).
+    for source in ("memory", "zarr"):
+        keys = [k for k in wall if k[0] == source and k[1].startswith("floor:")]
+        wall[(source, "floor")] = min(wall[k] for k in keys)
+        cpu[(source, "floor")] = min(cpu[k] for k in keys)
+
+    def pair(a: float, b: float, digits: int = 2) -> str:
+        return f"{a:.{digits}f} ({b:.{digits}f})"
 
     chunk = ds.frames.data.chunks[0][0]
     print(f"# reductions: {n} frames {shape[0]}×{shape[1]} float32, ~{args.photons:g} photons/frame, "
@@ -206,30 +259,36 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     print(f"# Zarr store: {info['codecs']}, compression {info['compression_ratio']:.1f}×, "
           f"{info['batch_frames']} frames per shard")
     print(f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"dask threads scheduler, best of {args.repeat} interleaved rounds")
-    print("| what | source | s | frames/s | vs floor of its source | vs peer |")
+          f"dask threads scheduler, best of {args.repeat} interleaved rounds; wall (CPU) seconds")
+    print("| what | source | wall (CPU) s | frames/s | vs floor of its source, wall (CPU) | vs peer, wall (CPU) |")
     print("|---|---|---|---|---|---|")
     vs_peer = {
         "center_of_mass": [("LiberTEM CoMUDF", "LiberTEM CoMUDF")],
         "radial_profile": [("LiberTEM ring masks", "LiberTEM ring masks"), ("pyFAI", "pyFAI integrate1d")],
     }
-    for (source, what), t in best.items():
-        if source == "peer":
+    for key in wall:
+        source, what = key
+        if source == "peer" or what == "floor":
             continue
         notes = []
         for prefix, label in vs_peer.get(what, []) if source == "memory" else []:
-            tp = peer(prefix)
-            if math.isfinite(tp):
-                notes.append(f"{tp / t:.1f}× {label}")
-        floor = best[(source, "floor")]
-        print(f"| {what} | {source} | {t:.3f} | {n / t:,.0f} | {floor / t:.2f} | {'; '.join(notes)} |")
-    for (source, what), t in best.items():
+            pw, pc = peer(prefix)
+            if math.isfinite(pw):
+                notes.append(f"{pair(pw / wall[key], pc / cpu[key], 1)}× {label}")
+        fw, fc = wall[(source, "floor")], cpu[(source, "floor")]
+        print(f"| {what} | {source} | {pair(wall[key], cpu[key], 3)} | {n / wall[key]:,.0f} "
+              f"| {pair(fw / wall[key], fc / cpu[key])} | {'; '.join(notes)} |")
+    fw, fc = wall[("memory", "floor")], cpu[("memory", "floor")]
+    for key in wall:
+        source, what = key
         if source == "peer":
             note = f" ({args.pyfai_frames} frames timed, scaled)" if what.startswith("pyFAI") else ""
-            print(f"| {what}{note} | memory | {t:.3f} | {n / t:,.0f} | {best[('memory', 'floor')] / t:.2f} | |")
+            print(f"| {what}{note} | memory | {pair(wall[key], cpu[key], 3)} | {n / wall[key]:,.0f} "
+                  f"| {pair(fw / wall[key], fc / cpu[key])} | |")
     for m in missing:
         print(f"| peer missing: {m} | | | | | |")
-    print(f"| summarize from Zarr vs Zarr read floor | | | | {best[('zarr', 'floor')] / best[('zarr', 'summarize')]:.2f} | |")
+    zs, zf = ("zarr", "summarize"), ("zarr", "floor")
+    print(f"| summarize from Zarr vs Zarr read floor | | | | {pair(wall[zf] / wall[zs], cpu[zf] / cpu[zs])} | |")
 
 
 def _operator(ds: Any) -> Any:
@@ -295,7 +354,10 @@ def run_scale(args: argparse.Namespace, work: Path) -> None:
     print("| step | wall s | frames/s | peak RSS GiB |")
     print("|---|---|---|---|")
     print(f"| simulate + save_frames | {t_write:.1f} | {n / t_write:,.0f} | {mem_write.peak / 2**30:.2f} |")
-    print(f"| open_frames + summarize + save_results | {t_reduce:.1f} | {n / t_reduce:,.0f} | {mem_reduce.peak / 2**30:.2f} |")
+    print(
+        f"| open_frames + summarize + save_results | {t_reduce:.1f} | {n / t_reduce:,.0f} "
+        f"| {mem_reduce.peak / 2**30:.2f} |"
+    )
 
 
 def main() -> None:
@@ -307,6 +369,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--pyfai-frames", type=int, default=1000, help="frames timed for pyFAI (per-frame calls)")
     parser.add_argument("--no-peers", action="store_true", help="skip LiberTEM and pyFAI")
+    parser.add_argument(
+        "--libertem-executors",
+        default="threads",
+        help="comma-separated LiberTEM executors to time (its best counts); 'dask' starts worker "
+        "processes that each hold the data, measured 10-100× slower than 'threads' on 2 cores",
+    )
     parser.add_argument("--scale", action="store_true", help="the 10⁶-frame write + summarize run")
     parser.add_argument("--workdir", default=None, help="where to write the stores (default: a temp dir)")
     args = parser.parse_args()

@@ -3,6 +3,15 @@
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
+from diffdask.commonlines import (
+    CLPCA,
+    AbsoluteEmbedding,
+    cc_matrix,
+    clpca,
+    embed,
+    line_samples,
+    rotation_invariant_features,
+)
 from diffdask.errors import (
     BackendError,
     ClusterError,
@@ -29,7 +38,6 @@ from diffdask.io import (
     store_info,
 )
 from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
-from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 from diffdask.reduce import (
     center_of_mass,
     find_hits,
@@ -42,16 +50,19 @@ from diffdask.reduce import (
     summarize,
 )
 from diffdask.roi import differential_phase, find_roi, grow_roi, scan_grid, scan_maps
+from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbsoluteEmbedding",
+    "BackendError",
+    "CLPCA",
+    "ClusterError",
+    "DiffdaskError",
     "EMC2D",
     "EMCDetector",
     "EMCResult",
-    "BackendError",
-    "ClusterError",
-    "DiffdaskError",
     "Geometry",
     "GeometryError",
     "IncompleteStoreError",
@@ -64,19 +75,22 @@ __all__ = [
     "StoreNotFoundError",
     "__version__",
     "bootstrap",
+    "cc_matrix",
+    "center_of_mass",
+    "clpca",
     "connect",
     "detector_mask",
     "differential_phase",
-    "generate_frames",
-    "center_of_mass",
-    "connect",
+    "embed",
     "find_hits",
     "find_roi",
     "fit_sphere_diameter",
+    "generate_frames",
     "get_geometry",
     "get_mask",
     "grow_roi",
     "ingest_hdf5",
+    "line_samples",
     "list_results",
     "lit_pixels",
     "make_frame_stack",
@@ -86,9 +100,12 @@ __all__ = [
     "open_hdf5",
     "open_results",
     "pair_blocks",
+    "psd_contrast",
+    "radial_profile",
     "read_emc",
     "read_emc_output",
     "reduce_frames",
+    "rotation_invariant_features",
     "save_frames",
     "save_results",
     "scan_grid",
@@ -96,11 +113,6 @@ __all__ = [
     "simulate_bragg",
     "simulate_ptycho",
     "simulate_spi",
-    "psd_contrast",
-    "radial_profile",
-    "reduce_frames",
-    "save_frames",
-    "save_results",
     "size_filter",
     "store_info",
     "summarize",

@@ -17,6 +17,8 @@ from rich.table import Table
 from diffdask.errors import DiffdaskError, StoreExistsError
 
 console = Console()
+#: Seconds the command line waits for a remote scheduler.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def _fail_clearly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,10 +50,11 @@ workers_option = click.option(
 def _client(scheduler: str | None, workers: int | None) -> Any:
     from diffdask.cluster import connect
 
+    # A few seconds is plenty for a reachable scheduler; a wrong address must fail fast, not hang.
     if scheduler and (scheduler.endswith(".json")):
-        client = connect(scheduler_file=scheduler)
+        client = connect(scheduler_file=scheduler, timeout=CONNECT_TIMEOUT_S)
     else:
-        client = connect(address=scheduler, n_workers=workers)
+        client = connect(address=scheduler, n_workers=workers, timeout=CONNECT_TIMEOUT_S)
     try:
         console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
         yield client
@@ -305,6 +308,8 @@ def bootstrap_command(
                            iterations=iterations, seed=seed, callback=_iteration_printer(n_runs))
         save_frames(result.averages(), out, overwrite=overwrite)
     console.print(f"wrote {n_runs} × {n_classes} class averages to {out}", highlight=False)
+
+
 # ---------------------------------------------------------------------- simulate
 def _floats(text: str, name: str) -> float | tuple[float, float]:
     """"70" → 70.0, "55,84" → (55.0, 84.0)."""
@@ -437,6 +442,227 @@ def simulate_bragg_command(store: str, n_frames: int, seed: int, shape: int, pix
     _write_simulation(ds, store, batch_frames, overwrite, scheduler, workers)
 
 
+@main.group()
+def train() -> None:
+    """Train neural networks on labelled frame stacks."""
+
+
+@train.command(name="hits")
+@click.argument("store")
+@click.option("--label", default="single_hit", show_default=True, help="Boolean per-frame label (True = positive).")
+@click.option("--out", type=click.Path(), required=True, help="Directory for the k-fold ensemble.")
+@click.option("--steps", type=int, default=2000, show_default=True, help="Optimisation steps per fold.")
+@click.option("--folds", type=int, default=5, show_default=True, help="k of the k-fold ensemble.")
+@click.option("--more-sh", is_flag=True, help="High-recall variant: 5 % positives and class weights 0.9/0.1.")
+@click.option("--crop", nargs=2, type=int, default=(192, 96), show_default=True, help="Input patch (h w) around the beam.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@scheduler_option
+@workers_option
+@_fail_clearly
+def train_hits(store: str, label: str, out: str, steps: int, folds: int, more_sh: bool, crop: tuple[int, int],
+               seed: int, scheduler: str | None, workers: int | None) -> None:
+    """Train the single-hit classifier ensemble (Assalauova et al. 2022) on STORE's LABEL."""
+    from rich.progress import Progress
+
+    from diffdask.io import open_frames
+    from diffdask.ml.preprocess import Preprocess
+    from diffdask.ml.train import TrainConfig, train_classifier
+
+    config = TrainConfig(preprocess=Preprocess(crop=crop), steps=steps, k_folds=folds, seed=seed,
+                         positive_fraction=0.05 if more_sh else 0.02,
+                         class_weights=(0.9, 0.1) if more_sh else None)
+    with _client(scheduler, workers), Progress(console=console) as bar:
+        task = bar.add_task("training", total=steps * folds)
+        result = train_classifier(open_frames(store), label, out, config,
+                                  progress=lambda step, total, loss: bar.update(task, advance=1,
+                                                                                description=f"loss {loss:.4f}"))
+    for fold in result.folds:
+        console.print(f"fold {fold['fold']}: precision {fold['precision']:.3f} recall {fold['recall']:.3f} "
+                      f"F1 {fold['f1']:.3f}", highlight=False)
+    console.print(f"ensemble of {len(result.models)} models in {out}", highlight=False)
+
+
+@train.command(name="geometry")
+@click.argument("store")
+@click.option("--out", type=click.Path(), required=True)
+@click.option("--targets", default="beam_center_y,beam_center_x,pitch_deg,yaw_deg", show_default=True)
+@click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@scheduler_option
+@workers_option
+@_fail_clearly
+def train_geometry(store: str, out: str, targets: str, steps: int, seed: int, scheduler: str | None,
+                   workers: int | None) -> None:
+    """Train the beam-centre / tilt regressor on STORE's per-frame targets."""
+    from diffdask.io import open_frames
+    from diffdask.ml.preprocess import Preprocess
+    from diffdask.ml.train import TrainConfig, train_regressor
+
+    config = TrainConfig(architecture="GeometryRegressor", preprocess=Preprocess(scale="log1p"), steps=steps, seed=seed)
+    with _client(scheduler, workers):
+        result = train_regressor(open_frames(store), [t.strip() for t in targets.split(",")], out, config)
+    for name, mae in result["mae"].items():
+        console.print(f"{name}: mean absolute error {mae:.4g} on held-out frames", highlight=False)
+
+
+@main.command(name="predict")
+@click.argument("store")
+@click.option("--model", "model_dir", type=click.Path(), required=True,
+              help="A model .pt file, or a directory of an ensemble (fold_*/model.pt).")
+@click.option("--mirror", is_flag=True, help="Test-time mirroring (classifiers).")
+@click.option("--group", default="predict", show_default=True, help="Result group: results/GROUP.")
+@click.option("--overwrite", is_flag=True)
+@scheduler_option
+@workers_option
+@_fail_clearly
+def predict_command(store: str, model_dir: str, mirror: bool, group: str, overwrite: bool, scheduler: str | None,
+                    workers: int | None) -> None:
+    """Run a trained model (or ensemble) over every frame of STORE; save the outputs beside the frames."""
+    from pathlib import Path
+
+    from diffdask.io import open_frames, save_results
+    from diffdask.ml import predict
+    from diffdask.ml.train import ensemble_paths
+
+    paths = ensemble_paths(model_dir) if Path(model_dir).is_dir() else [model_dir]
+    with _client(scheduler, workers) as client:
+        out = predict(open_frames(store), paths, mirror=mirror)
+        run_with_progress(client, save_results(out, store, group, overwrite=overwrite, compute=False))
+    console.print(f"wrote results/{group} ({', '.join(map(str, out.output.values))}) for {out.sizes['frame']} frames",
+                  highlight=False)
+
+
+@main.command(name="run")
+@click.argument("pipeline_file", metavar="PIPELINE.yaml")
+@scheduler_option
+@workers_option
+@_fail_clearly
+def run_command(pipeline_file: str, scheduler: str | None, workers: int | None) -> None:
+    """Run a declared pipeline over many inputs; re-running skips what is done.
+
+    Exit status 1 when some input failed (the others are processed and reported).
+    """
+    from diffdask.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(pipeline_file)
+    total = len(pipeline.inputs) * len(pipeline.steps)
+    console.print(f"{len(pipeline.inputs)} inputs × {len(pipeline.steps)} steps", highlight=False)
+    seen = []
+
+    def show(entry: Any) -> None:
+        seen.append(entry)
+        colour = {"done": "green", "skipped": "cyan", "failed": "red", "not run": "yellow"}[entry.status]
+        console.print(
+            f"[{len(seen)}/{total}] {entry.source} · {entry.step}: [{colour}]{entry.status}[/] {entry.message}",
+            highlight=False,
+        )
+
+    with _client(scheduler, workers):
+        report = run_pipeline(pipeline, on_step=show)
+    table = Table(title="pipeline summary")
+    for column in ("input", "step", "status", "seconds", "result"):
+        table.add_column(column)
+    for entry in report.steps:
+        table.add_row(entry.source, entry.step, entry.status, f"{entry.seconds:.1f}", entry.message)
+    console.print(table)
+    if report.failed_inputs:
+        console.print(f"[red]{len(report.failed_inputs)} input(s) failed[/]: {', '.join(report.failed_inputs)}")
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--angles", "n_angles", type=int, default=180, show_default=True, help="Line angles over [0, π).")
+@click.option("--mask-radius", type=float, default=20, show_default=True, help="Inner radius left out, pixels.")
+@click.option(
+    "--interp", type=click.Choice(["nearest", "bilinear"]), default="nearest", show_default=True,
+    help="Interpolation of the line samples.",
+)
+@click.option("--components", type=int, default=3, show_default=True, help="Dimensions of the CLPCA space.")
+@click.option("--block-size", type=int, default=None, help="Averages per tile side (default ≈ 32 MiB of lines).")
+@click.option("--color-by", default=None, metavar="VAR", help="Per-frame variable that colours the figure.")
+@click.option("--figure", default=None, metavar="PNG", help="Figure path (default: STORE's name + -clpca.png).")
+@click.option(
+    "--absolute", default=None, metavar="PT",
+    help="Also train the absolute embedding and save it here (weights + JSON sidecar).",
+)
+@click.option("--epochs", type=int, default=300, show_default=True, help="Training passes of --absolute.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier results/commonlines.")
+@scheduler_option
+@workers_option
+@_fail_clearly
+def commonlines(
+    store: str,
+    n_angles: int,
+    mask_radius: float,
+    interp: str,
+    components: int,
+    block_size: int | None,
+    color_by: str | None,
+    figure: str | None,
+    absolute: str | None,
+    epochs: int,
+    overwrite: bool,
+    scheduler: str | None,
+    workers: int | None,
+) -> None:
+    """Common-line CC matrix and CLPCA space of the averages in STORE.
+
+    The frames of STORE are the class averages (its mask, if any, gives the masked Pearson
+    correlation). Writes results/commonlines (cc, clpca) into STORE and a PNG of the space.
+    """
+    from pathlib import Path
+
+    import dask.array as da
+    import numpy as np
+    import xarray as xr
+
+    from diffdask import __version__
+    from diffdask.commonlines import AbsoluteEmbedding, cc_matrix, clpca
+    from diffdask.errors import ParameterError
+    from diffdask.io import open_frames, save_results
+    from diffdask.viz import plot_landscape
+
+    ds = open_frames(store)
+    if color_by is not None and (color_by not in ds.variables or ds[color_by].dims[:1] != ("frame",)):
+        labels = sorted(str(n) for n, v in ds.data_vars.items() if v.dims[:1] == ("frame",) and n != "frames")
+        raise ParameterError(f"--color-by {color_by!r} is not a per-frame variable of {store}; it has {labels}.")
+    cc = cc_matrix(ds, n_angles, mask_radius, interp, block_size=block_size)
+    with _client(scheduler, workers) as client:
+        matrix = run_with_progress(client, cc)
+        space = clpca(matrix, components)
+        params = {
+            "n_angles": n_angles, "mask_radius": mask_radius, "interp": interp,
+            "explained_variance_ratio": space.explained_variance_ratio.tolist(), "diffdask_version": __version__,
+        }
+        result = xr.Dataset(
+            {
+                "cc": (("frame", "frame_j"), da.from_array(matrix, chunks=(len(matrix), -1))),
+                "clpca": (("frame", "component"), space.coordinates),
+            },
+            attrs=params,
+        )
+        save_results(result, store, "commonlines", overwrite=overwrite)
+        if absolute is not None:
+            model = AbsoluteEmbedding(mask_radius=mask_radius, epochs=epochs).fit(ds, space.coordinates)
+            model.save(absolute)
+            console.print(
+                f"absolute embedding saved to {absolute}; validation MSE per component "
+                f"{np.round(model.validation_mse_, 4).tolist()}",
+                highlight=False,
+            )
+    png = Path(figure) if figure else Path(str(store).rstrip("/")).with_name(Path(str(store).rstrip("/")).stem + "-clpca.png")
+    color = None if color_by is None else np.asarray(ds[color_by].values)
+    plot_landscape(space.coordinates, png, color, color_by or "", space.explained_variance_ratio)
+    console.print(
+        f"CC matrix of {len(matrix)} averages ({n_angles} angles, mask radius {mask_radius:g} px) and "
+        f"{components}-D CLPCA space (explained variance "
+        f"{', '.join(f'{100 * v:.1f} %' for v in space.explained_variance_ratio)}) written to "
+        f"{store}/results/commonlines; figure {png}",
+        highlight=False,
+    )
+
+
 def _jsonable(attrs: Any) -> Any:
     return json.loads(json.dumps(dict(attrs), default=str, sort_keys=True))
 
@@ -513,9 +739,10 @@ def reduce(
             f"({np.nanmean(cy):.2f} ± {np.nanstd(cy):.2f}, {np.nanmean(cx):.2f} ± {np.nanstd(cx):.2f}) px; "
             f"{int(np.isnan(cy).sum())} empty frames",
         )
-    if "mean_profile" in saved:
-        gamma = psd_contrast(saved["mean_profile"])
-        table.add_row("mean PSD", f"{saved.sizes['radius']} bins of {bin_width} px; contrast γ = {float(gamma):.3f}")
+    if "radial_profile" in saved:
+        gamma = float(psd_contrast(saved["radial_profile"].mean("frame")))
+        contrast = f"contrast γ = {gamma:.3f}" if np.isfinite(gamma) else "fewer than 3 fringes (no contrast γ)"
+        table.add_row("mean PSD", f"{saved.sizes['radius']} bins of {bin_width} px; {contrast}")
     if "is_hit" in saved:
         n_hits = int(saved["is_hit"].values.sum())
         table.add_row(

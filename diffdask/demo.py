@@ -1,4 +1,4 @@
-"""Demo input for ``make demo``: a CXI file of noisy sphere patterns, written in bounded memory.
+"""Demo input for ``make demo``: a CXI file of simulated SPI hits, written in bounded memory.
 
 Run as ``python -m diffdask.demo OUT.cxi [--n-frames N]``.
 """
@@ -32,11 +32,11 @@ def write_demo_cxi(
     path: str,
     n_frames: int = 2000,
     shape: tuple[int, int] = (128, 128),
-    photons_per_frame: float = 2000.0,
+    single_hit_fraction: float = 0.9,
     seed: int = 0,
     block: int = 500,
 ) -> None:
-    """Write a CXI file of Poisson-sampled sphere diffraction patterns (diameters 55–84 nm).
+    """Write a CXI file of simulated SPI hits on spheres of 55–84 nm (`diffdask.simulate_spi`).
 
     Parameters
     ----------
@@ -46,17 +46,27 @@ def write_demo_cxi(
         Number of frames.
     shape : tuple of int
         Detector shape in pixels.
-    photons_per_frame : float
-        Mean photons per frame (before per-shot fluence jitter, Gamma(2, 1/2)).
+    single_hit_fraction : float
+        Fraction of single hits; the rest hold 2–4 particles.
     seed : int
         Random seed; frame k depends on (seed, k) only.
     block : int
         Frames generated and written per step (bounds memory).
     """
+    from diffdask.simulate import Particle, simulate_spi
+
     geometry = demo_geometry(shape)
     mask = demo_mask(geometry)
-    q = geometry.q_inv_nm
-    weight = geometry.solid_angle_sr * geometry.polarization_factor("x")
+    ds = simulate_spi(
+        n_frames,
+        geometry,
+        particles=[Particle("sphere", diameter_nm=(55.0, 84.0))],
+        single_hit_fraction=single_hit_fraction,
+        fluence_photons_per_m2=2e22,
+        mask=mask,
+        seed=seed,
+        chunks=block,
+    )
     with h5py.File(path, "w") as f:
         data = f.create_dataset(CXI_DATA, shape=(n_frames, *shape), dtype="uint16",
                                 chunks=(min(16, n_frames), *shape), compression="gzip", compression_opts=1)
@@ -68,21 +78,14 @@ def write_demo_cxi(
         cy, cx = geometry.beam_center_yx
         py, px = geometry.pixel_size_yx_m
         f[f"{CXI_DETECTOR}/corner_position"] = [-(cx + 0.5) * px, -(cy + 0.5) * py, geometry.distance_m]
-        diameters = f.create_dataset("entry_1/sample_1/diameter_nm", shape=(n_frames,), dtype="float64")
+        labels = {name: f.create_dataset(f"entry_1/sample_1/{name}", shape=(n_frames,), dtype=dtype)
+                  for name, dtype in (("diameter_nm", "float64"), ("single_hit", "bool"), ("n_particles", "uint8"))}
         for start in range(0, n_frames, block):
             stop = min(start + block, n_frames)
-            frames = np.empty((stop - start, *shape), dtype="uint16")
-            d = np.empty(stop - start)
-            for k in range(start, stop):
-                rng = np.random.default_rng([seed, k])
-                d[k - start] = rng.uniform(55.0, 84.0)
-                x = np.maximum(q * d[k - start] / 2.0, 1e-6)
-                form = (3.0 * (np.sin(x) - x * np.cos(x)) / x**3) ** 2
-                mu = form * weight
-                mu *= photons_per_frame * rng.gamma(2.0, 0.5) / mu.sum()
-                frames[k - start] = rng.poisson(mu)
-            data[start:stop] = frames
-            diameters[start:stop] = d
+            part = ds.isel(frame=slice(start, stop)).compute()
+            data[start:stop] = np.rint(part.frames.values).astype("uint16")
+            for name, dset in labels.items():
+                dset[start:stop] = part[name].values
 
 
 def _main() -> None:

@@ -428,40 +428,60 @@ class Geometry:
         r_min_px: float = 0.0,
         full_circle: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Sampling points of a polar grid centred on the beam, in pixel-index coordinates.
+        """Sampling points of a polar grid centred on the beam; see `polar_grid`."""
+        return polar_grid(self.shape, self.beam_center_yx, n_radii, n_angles, r_max_px, r_min_px, full_circle)
 
-        Parameters
-        ----------
-        n_radii, n_angles : int
-            Number of radial and angular samples.
-        r_max_px : float, optional
-            Outer radius in pixels; defaults to the largest circle that fits on the detector.
-        r_min_px : float
-            Inner radius in pixels.
-        full_circle : bool
-            Angles φ_k = k·2π/n over [0, 2π) if True, else k·π/n over [0, π).
 
-        Returns
-        -------
-        rows, cols : ndarray
-            Pixel-index coordinates, shape ``(n_angles, n_radii)``, for interpolation.
-        radii_px : ndarray
-            Radii of the samples (pixels), shape ``(n_radii,)``.
-        angles_rad : ndarray
-            Azimuths of the samples (radians), shape ``(n_angles,)``.
-        """
-        if int(n_radii) < 1 or int(n_angles) < 1:
-            raise ParameterError(f"n_radii and n_angles must be ≥ 1, got {n_radii}, {n_angles}.")
-        cy, cx = self.beam_center_yx
-        if r_max_px is None:
-            r_max_px = min(cy, cx, self.shape[0] - 1 - cy, self.shape[1] - 1 - cx)
-        if not 0 <= r_min_px < r_max_px:
-            raise ParameterError(
-                f"need 0 ≤ r_min_px < r_max_px, got r_min_px={r_min_px}, r_max_px={r_max_px}."
-            )
-        radii = np.linspace(r_min_px, r_max_px, int(n_radii))
-        span = 2.0 * np.pi if full_circle else np.pi
-        angles = np.arange(int(n_angles)) * (span / int(n_angles))
-        rows = cy + np.sin(angles)[:, None] * radii[None, :]
-        cols = cx + np.cos(angles)[:, None] * radii[None, :]
-        return rows, cols, radii, angles
+def polar_grid(
+    shape: tuple[int, int],
+    center_yx: tuple[float, float],
+    n_radii: int,
+    n_angles: int,
+    r_max_px: float | None = None,
+    r_min_px: float = 0.0,
+    full_circle: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sampling points of a polar grid about ``center_yx``, in pixel-index coordinates.
+
+    Images without a detector geometry (class averages, models) have a centre but no
+    distances; `Geometry.polar_grid` calls this with the beam centre.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Image shape ``(ny, nx)`` in pixels.
+    center_yx : tuple of float
+        Centre ``(row, column)`` in pixel-index units.
+    n_radii, n_angles : int
+        Number of radial and angular samples.
+    r_max_px : float, optional
+        Outer radius in pixels; defaults to the largest circle that fits in the image.
+    r_min_px : float
+        Inner radius in pixels.
+    full_circle : bool
+        Angles φ_k = k·2π/n over [0, 2π) if True, else k·π/n over [0, π).
+
+    Returns
+    -------
+    rows, cols : ndarray
+        Pixel-index coordinates, shape ``(n_angles, n_radii)``, for interpolation.
+    radii_px : ndarray
+        Radii of the samples (pixels), shape ``(n_radii,)``.
+    angles_rad : ndarray
+        Azimuths of the samples (radians), shape ``(n_angles,)``.
+    """
+    if int(n_radii) < 1 or int(n_angles) < 1:
+        raise ParameterError(f"n_radii and n_angles must be ≥ 1, got {n_radii}, {n_angles}.")
+    cy, cx = center_yx
+    if r_max_px is None:
+        r_max_px = min(cy, cx, shape[0] - 1 - cy, shape[1] - 1 - cx)
+    if not 0 <= r_min_px < r_max_px:
+        raise ParameterError(
+            f"need 0 ≤ r_min_px < r_max_px, got r_min_px={r_min_px}, r_max_px={r_max_px}."
+        )
+    radii = np.linspace(r_min_px, r_max_px, int(n_radii))
+    span = 2.0 * np.pi if full_circle else np.pi
+    angles = np.arange(int(n_angles)) * (span / int(n_angles))
+    rows = cy + np.sin(angles)[:, None] * radii[None, :]
+    cols = cx + np.cos(angles)[:, None] * radii[None, :]
+    return rows, cols, radii, angles

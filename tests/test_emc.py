@@ -270,3 +270,54 @@ def test_emc2d_command_on_dragonfly_files_and_on_a_store(cluster, tmp_path, drag
 
     result = runner.invoke(main, ["emc2d", "--classes", "2", "--rotations", "6"])
     assert result.exit_code == 2 and "STORE or --photons" in result.output
+
+
+def test_iterations_are_written_to_zarr(tmp_path, dragonfly_stack):
+    import xarray as xr
+
+    start = _reference(0)["intens"]
+    EMC2D(6, 24).run(dragonfly_stack, 2, start_models=start, out=str(tmp_path / "emc.zarr"))
+    it2 = xr.open_zarr(tmp_path / "emc.zarr", group="iter_002")
+    assert np.allclose(it2.models.values, _reference(2)["intens"], rtol=1e-9)
+    assert np.allclose(it2.scale.values, _reference(2)["scale"], rtol=1e-9)
+    assert it2.attrs["iteration"] == 2
+
+
+def test_a_worker_killed_mid_iteration_changes_nothing(dragonfly_stack):
+    """Persisted photon chunks lost with a worker are recomputed from their lineage."""
+    import os
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    start = _reference(0)["intens"]
+    ds = dragonfly_stack.chunk({"frame": 750})
+    reference = EMC2D(6, 24).run(ds, 3, start_models=start)
+    from diffdask.cluster import WORKER_PRELOAD
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, preload=list(WORKER_PRELOAD)) as cluster, Client(cluster) as client:
+        killed = []
+
+        def kill(victim):
+            try:
+                client.run(os._exit, 1, workers=[victim])
+            except Exception:  # the worker dies before it can answer
+                pass
+            killed.append(victim)
+
+        def kill_one(it):
+            if it.iteration == 1:
+                victim = sorted(client.scheduler_info()["workers"])[0]
+                # Kill a worker shortly after iteration 2 has started, while it holds photon chunks.
+                timer = threading.Timer(0.3, kill, args=(victim,))
+                timer.start()
+                timers.append(timer)
+
+        timers = []
+        result = EMC2D(6, 24).run(ds, 3, start_models=start, callback=kill_one)
+        timers[0].join()
+        assert killed and killed[0] not in client.scheduler_info()["workers"]
+    for a, b in zip(reference.iterations, result.iterations):
+        assert np.array_equal(a.models, b.models)
+        assert np.array_equal(a.scale, b.scale, equal_nan=True)

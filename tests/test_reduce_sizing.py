@@ -26,7 +26,9 @@ def dsphere_amplitude(x):
 
 def analytic_extrema(n):
     """First n zeros (minima) and the n secondary maxima after them, in x = qR."""
-    minima = [brentq(lambda x: math.tan(x) - x, k * math.pi + 0.1, k * math.pi + math.pi / 2 - 1e-9) for k in range(1, n + 1)]
+    minima = [
+        brentq(lambda x: math.tan(x) - x, k * math.pi + 0.1, k * math.pi + math.pi / 2 - 1e-9) for k in range(1, n + 1)
+    ]
     maxima = [brentq(dsphere_amplitude, a + 0.1, b - 0.1) for a, b in zip(minima, minima[1:] + [minima[-1] + math.pi])]
     return np.array(minima), np.array(maxima)
 

@@ -153,6 +153,10 @@ def test_labels_masks_and_variants():
     assert np.all(good == np.round(good)) and good.max() > 20
     binary = simulate_bragg(3, geom, seed=2, variant="binary", cell_lengths_nm=(2.0, 3.0)).frames.values
     assert set(np.unique(binary)) == {0.0, 1.0}
+    # The binary variant is the same crystals' spot image, thresholded (beamstop included).
+    spots = simulate_bragg(3, geom, seed=2, cell_lengths_nm=(2.0, 3.0), noise=False, water_photons=0,
+                           plastic_photons=0, hot_pixel_fraction=0, dead_pixel_fraction=0).frames.values
+    np.testing.assert_array_equal(binary, (spots >= 20.0).astype(np.float32))
     flat = simulate_bragg(2, geom, seed=2, variant="flat", flat_photons=5.0, spot_photons=1e-3,
                           beamstop_radius_px=0, hot_pixel_fraction=0, dead_pixel_fraction=0).frames.values
     assert abs(flat.mean() - 5.0) < 4 * math.sqrt(5.0 / flat.size) + 0.01

@@ -401,3 +401,14 @@ def test_melting_ensemble_conserves_electrons_and_fractions():
     assert ds.attrs["shape_classes"] == ["cube", "rounded cube", "sphere", "contaminant"]
     for k, p in enumerate(fractions):
         assert abs((ds.shape_class.values == k).mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_same_bytes_on_a_two_process_cluster(client):
+    geom = Geometry((24, 24), 600e-6, 0.3, 6e-10)
+    kw = dict(particles=[Particle("superellipsoid", 42, exponent=6), Particle("icosahedral_shell", 60)],
+              single_hit_fraction=0.8, seed=5)
+    # The grids travel to the worker processes once per graph (their quad cache stays behind).
+    on_cluster = client.compute(simulate_spi(30, geom, chunks=4, **kw).frames.data).result()
+    with dask.config.set(scheduler="synchronous"):
+        local = simulate_spi(30, geom, chunks=30, **kw).frames.values
+    assert on_cluster.tobytes() == local.tobytes()

@@ -52,6 +52,17 @@ def _to_counts(block: np.ndarray, pixels: np.ndarray) -> sp.csr_matrix:
     return counts.astype(np.float64)
 
 
+def _broadcast(obj: Any) -> Any:
+    """``obj`` placed once on every worker of the current distributed client (else itself)."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except ValueError:  # no distributed client: the local scheduler shares memory
+        return dask.delayed(obj)
+    return client.scatter(obj, broadcast=True, hash=False)
+
+
 def _select(part: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: part[k] for k in keys if k in part}
 
@@ -281,9 +292,8 @@ class _EMCJob:
         frames = ds["frames"].data
         blocks = frames.to_delayed().ravel()
         counts = [dask.delayed(_to_counts)(blk, det.pixels) for blk in blocks]
-        (ops_d,) = dask.persist(dask.delayed(self.ops))
         self.counts = list(dask.persist(*counts))
-        self.ops_d = ops_d
+        self.ops_d = _broadcast(self.ops)
         stats = dask.compute(*[dask.delayed(photon_stats)(c, self.ops.likelihood_pixels) for c in self.counts])
         self.chunk_sizes = [len(s[0]) for s in stats]
         self.photons = np.concatenate([s[0] for s in stats])

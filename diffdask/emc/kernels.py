@@ -16,6 +16,7 @@ float64 so results can be compared with Dragonfly to 1e-12.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ SPARSE_P_DENSITY = 0.02
 SPARSE_DENSE_BLOCK = 48
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EMCOperators:
     """Static data of an EMC run, built once and kept on the workers.
 
@@ -66,6 +67,11 @@ class EMCOperators:
     @property
     def n_rotations(self) -> int:
         return len(self.expand)
+
+    @cached_property
+    def expand_all(self) -> sp.csr_matrix:
+        """All expand operators stacked: (J·T × S²)."""
+        return sp.vstack(self.expand, format="csr")
 
 
 def sparse_dense(a: sp.csr_matrix, x: np.ndarray, block: int = SPARSE_DENSE_BLOCK) -> np.ndarray:
@@ -149,11 +155,10 @@ def expand_models(models: np.ndarray, ops: EMCOperators) -> tuple[np.ndarray, np
         Σ_{t: mask=0} W_rt.
     """
     n_runs, n_classes = models.shape[:2]
-    flat = models.reshape(n_runs * n_classes, -1).T  # (S², B·K)
+    flat = np.ascontiguousarray(models.reshape(n_runs * n_classes, -1).T)  # (S², B·K)
     t = ops.corr.size
-    w = np.empty((n_runs, ops.n_rotations, n_classes, t))
-    for j, op in enumerate(ops.expand):
-        w[:, j] = (op @ flat).T.reshape(n_runs, n_classes, t)
+    # One product with all rotations stacked: (J·T × S²) @ (S² × B·K).
+    w = np.ascontiguousarray((ops.expand_all @ flat).reshape(ops.n_rotations, t, n_runs, n_classes).transpose(2, 0, 3, 1))
     w *= ops.corr
     w *= ops.in_grid[None, :, None, :] & ops.likelihood_pixels
     np.maximum(w, 0.0, out=w)

@@ -250,7 +250,10 @@ def _batched_write(
         data = ds.variables[name].data
         arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=-1)
         arr = arr.rechunk({0: batch, **{i: -1 for i in range(1, arr.ndim)}})
-        blocks[name] = arr.to_delayed().ravel()
+        # optimize_graph=False keeps the variables' shared tasks shared: optimising each
+        # variable's graph on its own renames (fuses) them, and a kernel that makes several
+        # results (summarize) would then run once per variable instead of once per chunk.
+        blocks[name] = arr.to_delayed(optimize_graph=False).ravel()
     writes = [
         dask.delayed(_write_batch, pure=False)(plan, i, {n: b[i] for n, b in blocks.items()})
         for i in pending

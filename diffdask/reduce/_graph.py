@@ -102,6 +102,14 @@ def radius_coords(op: PixelOperator, geometry: Geometry | None) -> dict[str, Any
     return coords
 
 
+def total_attrs(units: Any) -> dict[str, Any]:
+    """Attributes of a per-frame total (in the frames' units when they have some)."""
+    attrs = {"long_name": "sum of good pixels"}
+    if units:
+        attrs["units"] = units
+    return attrs
+
+
 def provenance(function: str, **params: Any) -> dict[str, Any]:
     """Attributes that record what made a result (function, parameters, version)."""
     from diffdask import __version__

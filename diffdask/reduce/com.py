@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import xarray as xr
 
-from diffdask.reduce._graph import frame_coords, prepare, provenance, run_fused
+from diffdask.reduce._graph import frame_coords, prepare, provenance, run_fused, total_attrs
 
 
 def center_of_mass(ds: xr.Dataset) -> xr.Dataset:
@@ -42,15 +40,8 @@ def center_of_mass(ds: xr.Dataset) -> xr.Dataset:
         {
             "com_y": ("frame", out["com_y"], {"units": "pixel", "long_name": "centre of mass, row"}),
             "com_x": ("frame", out["com_x"], {"units": "pixel", "long_name": "centre of mass, column"}),
-            "total": ("frame", out["total"], _total_attrs(units)),
+            "total": ("frame", out["total"], total_attrs(units)),
         },
         coords=coords,
         attrs=provenance("center_of_mass"),
     )
-
-
-def _total_attrs(units: Any) -> dict[str, Any]:
-    attrs = {"long_name": "sum of good pixels"}
-    if units:
-        attrs["units"] = units
-    return attrs

@@ -174,7 +174,8 @@ class PixelOperator:
 
     # The device/dtype copies of the weights are rebuilt where the operator lands.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("shape", "mask", "n_bins", "bin_width_px", "center_yx", "bin_counts", "bands")}
+        names = ("shape", "mask", "n_bins", "bin_width_px", "center_yx", "bin_counts", "bands")
+        return {k: getattr(self, k) for k in names}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
@@ -425,13 +426,24 @@ def reduce_block(
     n = block.shape[0]
     dtype = work_dtype(block.dtype)
     x = block.reshape(n, -1).astype(dtype, copy=False)
-    with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
-        sums = op.apply(x, frame_offset)
     out: dict[str, Any] = {}
     lit = None
     if threshold is not None:
         above = x > op.threshold_map(xp, threshold, dtype)
         lit = above.sum(axis=1, dtype=xp.int32)
+    if not (com or radial):
+        # Lit pixels only: a plain row sum flags the frames with NaN/inf pixels.
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = xp.flatnonzero(~xp.isfinite(x.sum(axis=1)))
+        if lit is not None:
+            if bad.size:
+                xb = x[bad]
+                good = xp.isfinite(xb) & xp.asarray(op.mask.ravel())
+                lit[bad] = ((xb > op.threshold_map(xp, threshold, dtype)) & good).sum(axis=1, dtype=xp.int32)
+            out["lit"] = lit
+        return out
+    with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
+        sums = op.apply(x, frame_offset)
     counts = None
     bad = xp.flatnonzero(~xp.isfinite(sums[:, 0]))
     if bad.size:
@@ -439,15 +451,22 @@ def reduce_block(
         xb = x[bad]
         good = xp.isfinite(xb) & xp.asarray(op.mask.ravel())
         vb = xp.where(good, xb, 0).astype(dtype, copy=False)
-        # Each flagged frame is redone alone at its own aligned position, so its result
-        # does not depend on which other frames of the chunk were flagged.
-        sums_bad, cb = [], []
+        # Redo the flagged frames at the same GEMM positions (mod ROW_ALIGN) as the fast path
+        # would use, so their results do not depend on the chunking or on which other frames
+        # were flagged: frame i goes to slot (frame_offset + i) mod ROW_ALIGN of buffer k,
+        # where k counts the earlier flagged frames with that slot. Per-frame good-pixel counts
+        # are sums of ones, exact in any order.
+        slots = (bad + frame_offset) % ROW_ALIGN
+        rank = xp.zeros_like(bad)
+        for slot in xp.unique(slots).tolist():
+            same = xp.flatnonzero(slots == slot)
+            rank[same] = xp.arange(same.size)
+        rows = rank * ROW_ALIGN + slots
+        buf = xp.zeros((int(rank.max()) + 1) * ROW_ALIGN * x.shape[1], dtype=dtype).reshape(-1, x.shape[1])
+        buf[rows] = vb
         with BLAS_ONE_THREAD if xp is np else _NO_LIMIT:
-            for i in range(bad.size):
-                sums_bad.append(op.apply(vb[i : i + 1], frame_offset + int(bad[i])))
-                cb.append(op.apply(good[i : i + 1].astype(dtype), frame_offset + int(bad[i])))
-        sums[bad] = xp.concatenate(sums_bad)
-        cb = xp.concatenate(cb)
+            sums[bad] = op.apply(buf)[rows]
+            cb = op.apply(good.astype(dtype))
         counts = (bad, cb)
         if lit is not None:
             lit[bad] = ((vb > op.threshold_map(xp, threshold, dtype)) & good).sum(axis=1, dtype=xp.int32)

@@ -9,6 +9,7 @@ import numpy as np
 import xarray as xr
 
 from diffdask.blocks import reduce_frames
+from diffdask.geometry import Geometry
 from diffdask.reduce._graph import frame_coords, prepare, provenance, radius_coords, run_fused
 from diffdask.reduce.operator import N_FIXED, PixelOperator, pixel_sums
 
@@ -56,7 +57,7 @@ def radial_profile(
     return _profile_array(out["radial"], ds, geometry, op)
 
 
-def _profile_array(data: Any, ds: xr.Dataset, geometry: Any, op: PixelOperator) -> xr.DataArray:
+def _profile_array(data: Any, ds: xr.Dataset, geometry: Geometry | None, op: PixelOperator) -> xr.DataArray:
     attrs = provenance("radial_profile", bin_width_px=op.bin_width_px, n_bins=op.n_bins, center_yx=op.center_yx)
     attrs["long_name"] = "mean of good pixels in each annulus"
     if ds["frames"].attrs.get("units"):

@@ -16,8 +16,8 @@ from diffdask.reduce._graph import (
     provenance,
     radius_coords,
     run_fused,
+    total_attrs,
 )
-from diffdask.reduce.com import _total_attrs
 
 
 #: The groups of results `summarize` can include.
@@ -59,8 +59,10 @@ def summarize(
     xarray.Dataset
         On ``frame``: ``com_y``, ``com_x``, ``total`` (as `center_of_mass`),
         ``radial_profile`` (``frame``, ``radius``), and with a threshold ``lit_pixels``
-        (int32) and with ``min_lit`` ``is_hit`` (bool). On ``radius``: ``mean_profile``, the
-        mean of the per-frame profiles (same pass). Only the parts in ``include``.
+        (int32) and with ``min_lit`` ``is_hit`` (bool); only the parts in ``include``. Every
+        variable is aligned on ``frame``: the dataset-wide profile is `mean_profile` (its own
+        pass) or, from these results without touching the frames again,
+        ``result.radial_profile.mean("frame")``.
 
     Raises
     ------
@@ -79,7 +81,9 @@ def summarize(
     t = None if threshold is None else check_threshold(threshold)
     m = None if min_lit is None else check_min_lit(min_lit)
     if (m is not None or hits) and t is None:
-        raise ParameterError("lit pixels and hits need a threshold: pass threshold=... (the pixel value that counts as lit).")
+        raise ParameterError(
+            "lit pixels and hits need a threshold: pass threshold=... (the pixel value that counts as lit)."
+        )
     if not hits:
         t = m = None
     ds, geometry, op = prepare(ds, radial=radial, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
@@ -89,7 +93,7 @@ def summarize(
     if com:
         data_vars["com_y"] = ("frame", out["com_y"], {"units": "pixel", "long_name": "centre of mass, row"})
         data_vars["com_x"] = ("frame", out["com_x"], {"units": "pixel", "long_name": "centre of mass, column"})
-        data_vars["total"] = ("frame", out["total"], _total_attrs(units))
+        data_vars["total"] = ("frame", out["total"], total_attrs(units))
     if radial:
         profile_attrs = {"long_name": "mean of good pixels in each annulus"}
         if units:
@@ -104,8 +108,4 @@ def summarize(
     if radial:
         params.update(bin_width_px=op.bin_width_px, n_bins=op.n_bins, center_yx=op.center_yx)
         coords.update(radius_coords(op, geometry))
-    result = xr.Dataset(data_vars, coords=coords, attrs=provenance("summarize", **params))
-    if radial:
-        mean = result["radial_profile"].mean("frame", skipna=True)
-        result["mean_profile"] = mean.assign_attrs(long_name="mean over frames of the radial profiles")
-    return result
+    return xr.Dataset(data_vars, coords=coords, attrs=provenance("summarize", **params))

@@ -40,12 +40,12 @@ def plot_summary(results: xr.Dataset, path: Any, frames: xr.Dataset | None = Non
     panels = []
     if "total" in results:
         panels += ["total", "com"]
-    if "mean_profile" in results:
+    if "radial_profile" in results:
         panels.append("psd")
     if "lit_pixels" in results:
         panels.append("lit")
     if not panels:
-        raise SchemaError("the results hold none of total, mean_profile, lit_pixels: nothing to plot.")
+        raise SchemaError("the results hold none of total, radial_profile, lit_pixels: nothing to plot.")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     scan = frames is not None and "scan_y" in frames and "scan_x" in frames
     for ax, panel in zip(axes[0], panels):
@@ -67,7 +67,7 @@ def plot_summary(results: xr.Dataset, path: Any, frames: xr.Dataset | None = Non
             ax.hist2d(results["com_x"].values[ok], results["com_y"].values[ok], bins=40)
             ax.set(title="centre of mass", xlabel="column (px)", ylabel="row (px)")
         elif panel == "psd":
-            prof = results["mean_profile"]
+            prof = results["radial_profile"].mean("frame")
             if "q_inv_nm" in prof.coords:
                 x, label = prof["q_inv_nm"].values, "q (nm⁻¹)"
             else:

@@ -1,0 +1,41 @@
+"""A dask-jobqueue PBSCluster for diffdask: one GPU per worker job, lifetimes, adaptive scaling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pbs_cluster(
+    account: str,
+    queue: str = "gpu",
+    cores: int = 8,
+    memory: str = "64GB",
+    gpus_per_job: int = 1,
+    walltime: str = "04:00:00",
+    lifetime: str = "3h50m",
+    min_jobs: int = 1,
+    max_jobs: int = 16,
+    start: bool = True,
+    scheduler_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A PBSCluster whose jobs each hold one worker with ``gpus_per_job`` GPUs (``start=False``: render only)."""
+    from dask_jobqueue import PBSCluster
+
+    cluster = PBSCluster(
+        account=account,
+        queue=queue,
+        cores=cores,
+        processes=1,
+        memory=memory,
+        walltime=walltime,
+        resource_spec=f"select=1:ncpus={cores}:ngpus={gpus_per_job}:mem={memory}",
+        job_script_prologue=["export OMP_NUM_THREADS=1"],
+        worker_extra_args=["--preload", "diffdask", "--lifetime", lifetime, "--lifetime-stagger", "5m", "--resources", f"GPU={gpus_per_job}"],
+        # The dashboard stays on the scheduler node's loopback: reach it through an SSH tunnel.
+        scheduler_options={"dashboard_address": "127.0.0.1:8787", **(scheduler_options or {})},
+        **kwargs,
+    )
+    if start:
+        cluster.adapt(minimum_jobs=min_jobs, maximum_jobs=max_jobs)
+    return cluster
