@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import dask
 import matplotlib
@@ -418,4 +419,17 @@ def test_figures_on_a_raster_and_on_irregular_positions(tmp_path):
         assert path.stat().st_size > 10_000
     ax = plot_com_quiver(scan_maps(lazy(phantom("small cells"))))
     assert len(ax.collections) == 1 and math.isclose(ax.get_xlim()[1], 4.5, rel_tol=0.1)
+    matplotlib.pyplot.close("all")
+
+
+def test_readme_roi_example_runs(tmp_path, monkeypatch):
+    import diffdask
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("## Ptychography region of interest")[1].split("```python")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {"dd": diffdask, "ds": lazy(phantom("small cells"))}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["kept"].sizes["frame"] == int(namespace["roi"].n_in_roi)
+    assert namespace["image"].shape == (30, 30) and (tmp_path / "roi.png").exists()
     matplotlib.pyplot.close("all")
