@@ -1,5 +1,6 @@
 """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
 
+from diffdask import latent, metrics
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.commonlines import (
@@ -27,8 +28,6 @@ from diffdask.errors import (
 )
 from diffdask.frames import get_geometry, get_mask, make_frame_stack, validate
 from diffdask.geometry import Geometry
-from diffdask import latent, metrics
-from diffdask.latent import LatentModel, fit_latent, flag_outliers, sort_single_hits
 from diffdask.io import (
     ingest_hdf5,
     list_results,
@@ -40,6 +39,7 @@ from diffdask.io import (
     store_info,
 )
 from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
+from diffdask.latent import LatentModel, fit_latent, flag_outliers, sort_single_hits
 from diffdask.reduce import (
     center_of_mass,
     find_hits,
@@ -51,7 +51,14 @@ from diffdask.reduce import (
     size_filter,
     summarize,
 )
-from diffdask.simulate import Particle, detector_mask, simulate_bragg, simulate_ptycho, simulate_spi
+from diffdask.roi import differential_phase, find_roi, grow_roi, scan_grid, scan_maps
+from diffdask.simulate import (
+    Particle,
+    detector_mask,
+    simulate_bragg,
+    simulate_ptycho,
+    simulate_spi,
+)
 
 __version__ = "0.1.0"
 
@@ -82,14 +89,17 @@ __all__ = [
     "clpca",
     "connect",
     "detector_mask",
+    "differential_phase",
     "embed",
     "find_hits",
     "fit_latent",
+    "find_roi",
     "fit_sphere_diameter",
     "flag_outliers",
     "generate_frames",
     "get_geometry",
     "get_mask",
+    "grow_roi",
     "ingest_hdf5",
     "latent",
     "line_samples",
@@ -111,6 +121,8 @@ __all__ = [
     "rotation_invariant_features",
     "save_frames",
     "save_results",
+    "scan_grid",
+    "scan_maps",
     "simulate_bragg",
     "simulate_ptycho",
     "simulate_spi",

@@ -799,7 +799,11 @@ def latent(
     """Latent space (PCA) of STORE and single-hit flags; writes latent, residual, single_hit, outlier_score
     and the model to results/GROUP."""
     from diffdask.io import list_results, open_frames, open_results, save_results
-    from diffdask.latent import check_contamination, explained_variance_summary, sort_single_hits
+    from diffdask.latent import (
+        check_contamination,
+        explained_variance_summary,
+        sort_single_hits,
+    )
     from diffdask.metrics import classification_report
 
     if contamination is not None:
@@ -857,6 +861,70 @@ def explore(store: str, port: int, address: str, group: str, max_points: int, he
 
     serve_explorer(store, port=port, address=address, show=show, on_start=started, group=group,
                    max_points=max_points, hexbin_from=hexbin_from, allow_websocket_origin=list(allow_origin) or None)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--border", type=int, default=0, show_default=True,
+              help="Grow (positive) or shrink (negative) the region by this many scan steps.")
+@click.option("--filter-size", type=int, default=3, show_default=True, help="Mean-filter window, scan steps (odd).")
+@click.option("--n-init", type=int, default=10, show_default=True, help="k-means restarts.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means starts.")
+@click.option("--group", default="roi", show_default=True, help="Result group: written to results/GROUP.")
+@click.option("--figure", type=click.Path(dir_okay=False), default=None,
+              help="Save the CoM quiver, the two maps and the region here (PNG, PDF...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing result group of that name.")
+@scheduler_option
+@workers_option
+@_fail_clearly
+def roi(
+    store: str,
+    border: int,
+    filter_size: int,
+    n_init: int,
+    seed: int,
+    group: str,
+    figure: str | None,
+    overwrite: bool,
+    scheduler: str | None,
+    workers: int | None,
+) -> None:
+    """Ptychography region of interest of STORE from absorption and CoM maps (writes in_roi)."""
+    from diffdask.io import list_results, open_frames, open_results, save_results
+    from diffdask.roi import find_roi, grow_roi
+
+    ds = open_frames(store)
+    lazy = find_roi(ds, filter_size=filter_size, n_init=n_init, seed=seed)
+    if border:
+        lazy = grow_roi(lazy, border)
+    with _client(scheduler, workers) as client:
+        # One pass over the frames; the maps are a few numbers per frame, so they come back.
+        result = run_with_progress(client, lazy)
+        per_frame = result.drop_vars([n for n, v in result.data_vars.items() if v.dims != ("frame",)])
+        if not overwrite and group in list_results(store):
+            # Same layout resumes the old group: refuse one made with other parameters.
+            old = open_results(store, group).attrs
+            if _jsonable(old) != _jsonable(per_frame.attrs):
+                raise StoreExistsError(
+                    f"{store} already holds results/{group} made with other parameters "
+                    f"({_jsonable(old)}); pass --overwrite to replace them or --group to write elsewhere."
+                )
+        run_with_progress(client, save_results(per_frame, store, group, overwrite=overwrite, compute=False))
+    n, total = int(result["n_in_roi"]), result.sizes["frame"]
+    table = Table(title=f"diffdask roi {store} → results/{group}", show_header=False)
+    table.add_row("scan positions", f"{total} ({int(result['empty'].sum())} empty)")
+    table.add_row("low-transmission cluster", str(int(result["in_absorption"].sum())))
+    table.add_row("high-CoM cluster", str(int(result["in_com"].sum())))
+    table.add_row("region of interest", f"{n} ({n / total:.1%}), border {border:+d} steps")
+    console.print(table)
+    if figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from diffdask.viz import plot_roi
+
+        plot_roi(result, figure)
+        console.print(f"figure: {figure}", highlight=False)
 
 
 if __name__ == "__main__":

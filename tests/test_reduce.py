@@ -11,7 +11,13 @@ import pytest
 import xarray as xr
 
 import diffdask as dd
-from diffdask.errors import DiffdaskError, GeometryError, NonFinitePixelsWarning, ParameterError, SchemaError
+from diffdask.errors import (
+    DiffdaskError,
+    GeometryError,
+    NonFinitePixelsWarning,
+    ParameterError,
+    SchemaError,
+)
 from diffdask.reduce.operator import build_operator, reduce_block
 
 # The NaN/inf pixels planted below are announced at the door; that warning is tested once.

@@ -12,7 +12,13 @@ from click.testing import CliRunner
 from diffdask import Geometry, ParameterError
 from diffdask.cli import main
 from diffdask.io import open_frames
-from diffdask.simulate import make_probe, object_ground_truth, ptycho_sample, scan_positions, simulate_ptycho
+from diffdask.simulate import (
+    make_probe,
+    object_ground_truth,
+    ptycho_sample,
+    scan_positions,
+    simulate_ptycho,
+)
 
 
 @pytest.fixture(autouse=True)

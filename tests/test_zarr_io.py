@@ -16,7 +16,14 @@ import zarr
 from dask.callbacks import Callback
 
 import diffdask as dd
-from diffdask.io import list_results, open_frames, open_results, save_frames, save_results, store_info
+from diffdask.io import (
+    list_results,
+    open_frames,
+    open_results,
+    save_frames,
+    save_results,
+    store_info,
+)
 
 
 def _tree(path: Path) -> dict[str, bytes]:

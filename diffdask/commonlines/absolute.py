@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 
 from diffdask.blocks import map_frames
-from diffdask.commonlines.lines import apply_operator, as_average_stack, interpolation_operator, nonfinite_message
+from diffdask.commonlines.lines import (
+    apply_operator,
+    as_average_stack,
+    interpolation_operator,
+    nonfinite_message,
+)
 from diffdask.errors import ParameterError
 from diffdask.geometry import polar_grid
 

@@ -25,7 +25,12 @@ import numpy as np
 
 from diffdask.backend import array_namespace
 from diffdask.blocks import map_frames, pair_blocks
-from diffdask.commonlines.lines import as_average_stack, line_grid, sample_block, sampling_inputs
+from diffdask.commonlines.lines import (
+    as_average_stack,
+    line_grid,
+    sample_block,
+    sampling_inputs,
+)
 from diffdask.errors import ParameterError
 from diffdask.geometry import Geometry
 

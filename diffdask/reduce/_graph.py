@@ -13,7 +13,13 @@ from diffdask.blocks import map_frames
 from diffdask.errors import ParameterError
 from diffdask.frames import get_geometry, get_mask, validate
 from diffdask.geometry import Geometry
-from diffdask.reduce.operator import PixelOperator, build_operator, reduce_block, resolve_center, work_dtype
+from diffdask.reduce.operator import (
+    PixelOperator,
+    build_operator,
+    reduce_block,
+    resolve_center,
+    work_dtype,
+)
 
 
 def prepare(

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import xarray as xr
 
-from diffdask.reduce._graph import frame_coords, prepare, provenance, run_fused, total_attrs
+from diffdask.reduce._graph import (
+    frame_coords,
+    prepare,
+    provenance,
+    run_fused,
+    total_attrs,
+)
 
 
 def center_of_mass(ds: xr.Dataset) -> xr.Dataset:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import xarray as xr
 
-from diffdask.reduce._graph import check_min_lit, check_threshold, frame_coords, prepare, provenance, run_fused
+from diffdask.reduce._graph import (
+    check_min_lit,
+    check_threshold,
+    frame_coords,
+    prepare,
+    provenance,
+    run_fused,
+)
 
 
 def lit_pixels(ds: xr.Dataset, threshold: float) -> xr.DataArray:

@@ -10,7 +10,13 @@ import xarray as xr
 
 from diffdask.blocks import reduce_frames
 from diffdask.geometry import Geometry
-from diffdask.reduce._graph import frame_coords, prepare, provenance, radius_coords, run_fused
+from diffdask.reduce._graph import (
+    frame_coords,
+    prepare,
+    provenance,
+    radius_coords,
+    run_fused,
+)
 from diffdask.reduce.operator import N_FIXED, PixelOperator, pixel_sums
 
 

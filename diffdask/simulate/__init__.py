@@ -6,8 +6,17 @@ workers, and writing any number of frames holds only a few chunks in memory.
 """
 
 from diffdask.simulate.atoms import CROMER_MANN, atomic_form_factor, read_pdb
-from diffdask.simulate.bragg import bragg_kernel, bragg_reflections, cell_matrix, simulate_bragg
-from diffdask.simulate.common import ELECTRON_RADIUS_M, detector_mask, quaternion_to_matrix
+from diffdask.simulate.bragg import (
+    bragg_kernel,
+    bragg_reflections,
+    cell_matrix,
+    simulate_bragg,
+)
+from diffdask.simulate.common import (
+    ELECTRON_RADIUS_M,
+    detector_mask,
+    quaternion_to_matrix,
+)
 from diffdask.simulate.particles import (
     SHAPES,
     FormFactorVolume,
