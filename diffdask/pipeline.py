@@ -159,6 +159,20 @@ def _latent(source: str, store: str, options: Mapping[str, Any]) -> str:
     return f"{explained_variance_summary(model)}; {n_single} of {saved.sizes['frame']} frames flagged single hits"
 
 
+@register_step("roi", {"border", "filter_size", "n_init", "seed"})
+def _roi(source: str, store: str, options: Mapping[str, Any]) -> str:
+    from diffdask.io import open_frames, save_results
+    from diffdask.roi import find_roi, grow_roi
+
+    roi = find_roi(open_frames(store), filter_size=int(options.get("filter_size", 3)),
+                   n_init=int(options.get("n_init", 10)), seed=int(options.get("seed", 0)))
+    border = int(options.get("border", 0))
+    if border:
+        roi = grow_roi(roi, border)
+    saved = save_results(roi, store, "roi", overwrite=True)
+    return f"{int(saved['in_roi'].values.sum())} of {saved.sizes['frame']} positions in the region of interest"
+
+
 @dataclass
 class Pipeline:
     """A loaded pipeline: inputs resolved, output template, state directory and steps."""

@@ -157,3 +157,19 @@ steps:
     assert [r.status for r in report.steps] == ["done", "done"], report.steps
     probs = open_results(tmp_path / "out" / "run_00.zarr", "predict").probabilities.values
     assert probs.shape == (40, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_roi_step_on_a_simulated_scan_archive(tmp_path):
+    from diffdask.io import save_frames
+
+    geometry = dd.Geometry((32, 32), pixel_size_m=75e-6, distance_m=2.0, wavelength_m=1.409e-10)
+    (tmp_path / "scans").mkdir()
+    scan = dd.simulate_ptycho(400, geometry, probe_diameter_m=0.5e-6, overlap=0.4, coverage=0.3,
+                              particle_diameter_m=(3e-6, 5e-6), beta=1e-6, photons_per_frame=1e4, seed=1, chunks=200)
+    save_frames(scan, tmp_path / "scans" / "s1.zarr")
+    (tmp_path / "p.yaml").write_text("inputs: scans/*.zarr\noutput: scans/{name}\nsteps:\n  - roi: {border: 1}\n")
+    report = run_pipeline(load_pipeline(str(tmp_path / "p.yaml")))
+    assert [r.status for r in report.steps] == ["done"], report.steps
+    roi = open_results(tmp_path / "scans" / "s1.zarr", "roi")
+    footprint = scan.in_object.values
+    assert (roi.in_roi.values & footprint).sum() >= 0.95 * footprint.sum()

@@ -100,3 +100,11 @@ def test_tls_cluster_on_loopback(tmp_path):
     with local_tls_client(sec, n_workers=1) as client:
         assert client.scheduler.address.startswith("tls://127.0.0.1:")
         assert client.submit(pow, 3, 4).result() == 81
+
+
+def test_example_pipeline_names_only_known_steps(tmp_path):
+    from diffdask.pipeline import available_steps
+
+    spec = yaml.safe_load((ROOT / "cluster" / "pipeline.yaml").read_text())
+    names = [next(iter(step)) for step in spec["steps"]]
+    assert names and set(names) <= set(available_steps())

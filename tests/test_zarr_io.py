@@ -110,7 +110,7 @@ def test_interrupted_write_resumes_to_a_bit_identical_store(client, tmp_path, ph
     # Batches of the failed job still running when it raised may finish meanwhile: the resumed
     # job writes exactly the batches not done when it was prepared, never a finished one.
     pending_after = int((zarr.open_array(job, path="_diffdask/done", mode="r")[:] < 0).sum())
-    assert pending_after <= len(writes) <= pending_before and len(writes) < 7
+    assert 1 <= pending_after <= len(writes) <= pending_before
     dask.compute(resumed)
     assert _tree(tmp_path / "ref.zarr") == _tree(job)
     assert np.array_equal(open_frames(job).frames.values, photon_stack.frames.values)
