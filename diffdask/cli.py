@@ -663,10 +663,6 @@ def commonlines(
     )
 
 
-def _jsonable(attrs: Any) -> Any:
-    return json.loads(json.dumps(dict(attrs), default=str, sort_keys=True))
-
-
 def _parts(what: str) -> tuple[str, ...]:
     from diffdask.reduce.summary import PARTS
 
@@ -702,7 +698,7 @@ def reduce(
     workers: int | None,
 ) -> None:
     """Per-frame reductions of STORE in one pass (CoM, radial PSD, lit-pixel hits), saved beside the frames."""
-    from diffdask.io import list_results, open_frames, open_results, save_results
+    from diffdask.io import open_frames, open_results, save_results
     from diffdask.reduce import psd_contrast, summarize
 
     parts = _parts(what)
@@ -715,15 +711,6 @@ def reduce(
         bin_width_px=bin_width,
         include=parts,
     )
-    if not overwrite and group in list_results(store):
-        # save_results resumes a group of the same layout; parameters are not part of the
-        # layout, so refuse here rather than keep results made with other parameters.
-        old = open_results(store, group).attrs
-        if _jsonable(old) != _jsonable(result.attrs):
-            raise StoreExistsError(
-                f"{store} already holds results/{group} made with other parameters "
-                f"({_jsonable(old)}); pass --overwrite to replace them or --group to write elsewhere."
-            )
     job = save_results(result, store, group, overwrite=overwrite, compute=False)
     with _client(scheduler, workers) as client:
         run_with_progress(client, job)
@@ -890,7 +877,7 @@ def roi(
     workers: int | None,
 ) -> None:
     """Ptychography region of interest of STORE from absorption and CoM maps (writes in_roi)."""
-    from diffdask.io import list_results, open_frames, open_results, save_results
+    from diffdask.io import open_frames, save_results
     from diffdask.roi import find_roi, grow_roi
 
     ds = open_frames(store)
@@ -901,14 +888,6 @@ def roi(
         # One pass over the frames; the maps are a few numbers per frame, so they come back.
         result = run_with_progress(client, lazy)
         per_frame = result.drop_vars([n for n, v in result.data_vars.items() if v.dims != ("frame",)])
-        if not overwrite and group in list_results(store):
-            # Same layout resumes the old group: refuse one made with other parameters.
-            old = open_results(store, group).attrs
-            if _jsonable(old) != _jsonable(per_frame.attrs):
-                raise StoreExistsError(
-                    f"{store} already holds results/{group} made with other parameters "
-                    f"({_jsonable(old)}); pass --overwrite to replace them or --group to write elsewhere."
-                )
         run_with_progress(client, save_results(per_frame, store, group, overwrite=overwrite, compute=False))
     n, total = int(result["n_in_roi"]), result.sizes["frame"]
     table = Table(title=f"diffdask roi {store} → results/{group}", show_header=False)

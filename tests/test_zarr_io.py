@@ -222,3 +222,15 @@ def test_results_left_half_created_by_a_killed_job_are_replaced_or_refused(tmp_p
     back = save_results(total, path, "summary", overwrite=True)
     assert np.array_equal(back.photons.values, total.values)
     assert list_results(path) == ["summary"]
+
+
+def test_results_made_with_other_parameters_are_refused_not_resumed(tmp_path, photon_stack):
+    path = tmp_path / "run.zarr"
+    save_frames(photon_stack, path, batch_frames=16)
+    total = xr.DataArray(photon_stack.frames.values.sum(axis=(1, 2)).astype("f8"), dims="frame", name="total")
+    save_results(total.to_dataset().assign_attrs(threshold=1.0), path, "hits")
+    save_results(total.to_dataset().assign_attrs(threshold=1.0), path, "hits")  # identical re-run: fine
+    with pytest.raises(dd.StoreExistsError, match="parameters"):
+        save_results((total * 2).to_dataset().assign_attrs(threshold=2.0), path, "hits")
+    back = save_results((total * 2).to_dataset().assign_attrs(threshold=2.0), path, "hits", overwrite=True)
+    assert back.attrs["threshold"] == 2.0 and np.array_equal(back.total.values, 2 * total.values)

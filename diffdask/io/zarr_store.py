@@ -118,9 +118,12 @@ class _Plan:
 
 
 def _layout(ds: xr.Dataset, batch: int) -> dict[str, Any]:
+    # The attrs (geometry, provenance, the parameters that made a result) are part of what a
+    # re-run must match to resume: the same shapes made with other parameters are other data.
     return {
         "n_frames": int(ds.sizes["frame"]),
         "batch_frames": int(batch),
+        "attrs": _jsonable({k: v for k, v in ds.attrs.items() if k != BOOKKEEPING_ATTR}),
         "variables": {
             str(n): {"dims": list(map(str, v.dims)), "shape": list(v.shape), "dtype": str(v.dtype)}
             for n, v in sorted(ds.variables.items(), key=lambda kv: str(kv[0]))
@@ -160,8 +163,9 @@ def _prepare(
         if not overwrite:
             what = "a different frame stack" if group == "" else f"a different result {group!r}"
             raise StoreExistsError(
-                f"{loc.url!r} already holds {what} (other shape, dtype, variables or batch size); "
-                "pass overwrite=True to replace it, or write to another path."
+                f"{loc.url!r} already holds {what} (other shape, dtype, variables, batch size or "
+                "parameters); pass overwrite=True (--overwrite on the command line) to replace it, or "
+                "write to another path or group."
             )
         g = root.create_group(group, overwrite=True) if group else _open_group(loc, "w")
     for name, var in ds.variables.items():
