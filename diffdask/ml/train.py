@@ -174,8 +174,9 @@ def train_classifier(
         Model paths (pass them to `predict` as an ensemble) and per-fold validation precision,
         recall and F1 at threshold 0.5.
     """
-    from sklearn.metrics import f1_score, precision_score, recall_score
     from sklearn.model_selection import StratifiedKFold
+
+    from diffdask.metrics import precision_recall_f1
 
     config = config or TrainConfig()
     validate(ds)
@@ -198,9 +199,7 @@ def train_classifier(
         with torch.inference_mode():
             probs = torch.softmax(model(torch.from_numpy(x[held])), dim=1)[:, 0].numpy()
         predicted = probs >= 0.5
-        scores.append({"fold": k, "precision": float(precision_score(y[held], predicted, zero_division=0)),
-                       "recall": float(recall_score(y[held], predicted, zero_division=0)),
-                       "f1": float(f1_score(y[held], predicted, zero_division=0))})
+        scores.append({"fold": k, **precision_recall_f1(y[held], predicted)})
     record = {"label": label, "config": {**asdict(config), "preprocess": config.preprocess.to_dict()},
               "folds": scores, "models": paths}
     (folder / "training.json").write_text(json.dumps(record, indent=1, default=str))
