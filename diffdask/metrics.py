@@ -183,4 +183,31 @@ def classification_report(truth: Any, predicted: Any, scores: Any = None) -> dic
     return report
 
 
-__all__ = ["classification_report", "confusion_matrix", "precision_recall_f1", "roc_auc", "roc_curve"]
+def intersection_over_union(*selections: Any) -> float:
+    """Intersection over union α = |A ∩ B ∩ …| / |A ∪ B ∪ …| of frame selections (Assalauova 2022, eq. 4).
+
+    Compares selections of the same frames made by different methods (a CNN and EM, two CNN
+    configurations, a classifier and latent-space sorting): 1 when they pick the same frames,
+    0 when they share none. The paper applies it to pairs and to triples of selections.
+
+    Parameters
+    ----------
+    *selections : array_like of bool, shape (n_frames,)
+        Two or more per-frame masks over the same frames (True = selected).
+
+    Returns
+    -------
+    float
+        α in [0, 1]; NaN when no selection holds a frame (the union is empty).
+    """
+    if len(selections) < 2:
+        raise ParameterError(f"intersection_over_union compares two or more selections, got {len(selections)}.")
+    masks = [_as_bool(f"selection {i}", s) for i, s in enumerate(selections)]
+    if len({m.shape for m in masks}) != 1:
+        raise ParameterError(f"selections must cover the same frames; got lengths {[m.size for m in masks]}.")
+    stacked = np.stack(masks)
+    return _ratio(np.sum(stacked.all(axis=0)), np.sum(stacked.any(axis=0)))
+
+
+__all__ = ["classification_report", "confusion_matrix", "intersection_over_union", "precision_recall_f1", "roc_auc",
+           "roc_curve"]

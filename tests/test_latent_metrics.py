@@ -60,3 +60,19 @@ def test_bad_inputs():
         metrics.confusion_matrix([0, 2], [True, False])
     with pytest.raises(dd.ParameterError, match="finite"):
         metrics.roc_auc([True, False], [np.nan, 0.0])
+
+
+def test_intersection_over_union_against_python_sets():
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.random(300) < p for p in (0.2, 0.3, 0.25))
+    sets = [set(np.flatnonzero(m)) for m in (a, b, c)]
+    assert metrics.intersection_over_union(a, b) == pytest.approx(len(sets[0] & sets[1]) / len(sets[0] | sets[1]))
+    assert metrics.intersection_over_union(a, b, c) == pytest.approx(
+        len(sets[0] & sets[1] & sets[2]) / len(sets[0] | sets[1] | sets[2]))
+    assert metrics.intersection_over_union(a, a) == 1.0
+    assert metrics.intersection_over_union(a, ~a) == 0.0
+    assert np.isnan(metrics.intersection_over_union(np.zeros(4, bool), np.zeros(4, bool)))
+    with pytest.raises(dd.ParameterError, match="two or more"):
+        metrics.intersection_over_union(a)
+    with pytest.raises(dd.ParameterError, match="same frames"):
+        metrics.intersection_over_union(a, b[:10])

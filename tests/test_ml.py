@@ -49,7 +49,8 @@ def _loop(models, stack, mirror=False):
         for m in models:
             p = torch.softmax(m(x), dim=1)
             if mirror:
-                p = (p + torch.softmax(m(torch.flip(x, dims=(-1,))), dim=1)) / 2
+                flipped = (x.flip(-1), x.flip(-2), x.flip(-1).flip(-2))
+                p = (p + sum(torch.softmax(m(f), dim=1) for f in flipped)) / 4
             outs.append(p.double().numpy())
     return np.mean(outs, axis=0)
 

@@ -71,6 +71,17 @@ def _model_plugin_class() -> type:
     return ModelPlugin
 
 
+def mirror_views(x: Any) -> list[Any]:
+    """A batch ``(n, c, h, w)`` and its mirrors along each image axis and both (4 views).
+
+    The test-time augmentation of Assalauova et al. (2022): five models × four views give the
+    20 predictions per pattern that their ensemble averages.
+    """
+    import torch
+
+    return [x, torch.flip(x, dims=(-1,)), torch.flip(x, dims=(-2,)), torch.flip(x, dims=(-2, -1))]
+
+
 def _predict_kernel(
     block: np.ndarray,
     paths: Sequence[str],
@@ -93,7 +104,7 @@ def _predict_kernel(
             for start in range(0, inputs.shape[0], batch_size):
                 x = torch.from_numpy(inputs[start : start + batch_size])
                 x = x.pin_memory().to(dev, non_blocking=True) if dev.startswith("cuda") else x
-                views = [x, torch.flip(x, dims=(-1,))] if mirror else [x]
+                views = mirror_views(x) if mirror else [x]
                 y = None
                 for v in views:
                     out = model(v)
@@ -128,7 +139,8 @@ def predict(
     device : str
         "auto" (CUDA when present), "cpu" or "cuda[:N]".
     mirror : bool
-        Test-time augmentation for classifiers: average over the frame and its left–right mirror.
+        Test-time augmentation for classifiers: average over the frame and its mirrors along
+        each axis and both (`mirror_views`; with a 5-model ensemble, 20 predictions per frame).
 
     Returns
     -------
