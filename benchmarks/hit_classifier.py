@@ -99,6 +99,15 @@ def stored_set(path: Path, n_single: int, n_other: int, seed: int) -> Any:
     return dd.open_frames(str(path))
 
 
+def _progress(step: int, total: int, loss: float) -> None:
+    if step % 250 == 0 or step == total:
+        print(f"#   step {step}/{total} loss {loss:.4f}", flush=True)
+
+
+def false_positives(chosen: np.ndarray, kinds: np.ndarray) -> dict[str, int]:
+    return {k: int(np.sum(chosen & (kinds == k))) for k in ("multiple", "other size", "contaminant")}
+
+
 def latent_selection(ds: Any, non_single_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     model = latent.fit_latent(ds, 5, crop=64)
     z = latent.transform(ds, model).compute()
@@ -135,7 +144,8 @@ def main() -> None:
           f"{tuple(args.crop)}, {args.steps} steps × {args.k_folds} folds, seed {args.seed}")
 
     kinds = test["kind"].values
-    rows, selections = [], {}
+    rows: list[tuple[Any, ...]] = []
+    selections: dict[str, np.ndarray] = {}
     for name in args.configs.split(","):
         more_sh = name == "moreSH"
         config = TrainConfig(arch_kwargs={"width": args.width}, preprocess=Preprocess(crop=tuple(args.crop)),
@@ -143,28 +153,37 @@ def main() -> None:
                              class_weights=(0.9, 0.1) if more_sh else None,
                              steps=args.steps, k_folds=args.k_folds, seed=args.seed)
         out = work / name
-        t0 = time.perf_counter()
-        result = train_classifier(train, "single_hit", str(out), config)
-        t_train = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with dd.connect(n_workers=2, threads_per_worker=1):
-            probs = predict(test, ensemble_paths(str(out)), mirror=True).probabilities.values[:, 0]
-        t_test = time.perf_counter() - t0
+        saved = out / "test.json"
+        if saved.exists():  # a finished configuration of an earlier run with the same --workdir
+            record = json.loads(saved.read_text())
+            probs = np.load(out / "test_probabilities.npy")
+            cv, t_train, t_test = record["cv_f1"], record["train_s"], record["test_s"]
+        else:
+            t0 = time.perf_counter()
+            cv = train_classifier(train, "single_hit", str(out), config, progress=_progress).mean_f1
+            t_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with dd.connect(n_workers=2, threads_per_worker=1):
+                probs = predict(test, ensemble_paths(str(out)), mirror=True).probabilities.values[:, 0]
+            t_test = time.perf_counter() - t0
+            np.save(out / "test_probabilities.npy", probs)
+            saved.write_text(json.dumps({"cv_f1": cv, "train_s": t_train, "test_s": t_test}, indent=1))
         chosen = probs >= 0.5
         selections[name] = chosen
-        report = metrics.classification_report(truth, chosen, probs)
-        missed = {k: int(np.sum(chosen & (kinds == k))) for k in ("multiple", "other size", "contaminant")}
-        rows.append((name, result.mean_f1, report, missed, t_train, t_test))
-        (out / "test.json").write_text(json.dumps({"report": report, "false_positives_by_kind": missed,
-                                                   "train_s": t_train, "test_s": t_test}, indent=1))
+        rows.append((name, cv, metrics.classification_report(truth, chosen, probs), false_positives(chosen, kinds),
+                     t_train, t_test))
 
+    # The latent method assumes single hits are the majority (contamination ≤ 0.5); here they
+    # are 1 %: it runs at its largest contamination, and, as a best case, its score ranking
+    # thresholded at the true number of single hits (an oracle count).
     t0 = time.perf_counter()
-    lat, lat_score = latent_selection(test, 1.0 - float(truth.mean()))
+    lat, lat_score = latent_selection(test, min(0.5, 1.0 - float(truth.mean())))
     t_lat = time.perf_counter() - t0
-    report = metrics.classification_report(truth, lat, lat_score)
-    missed = {k: int(np.sum(lat & (kinds == k))) for k in ("multiple", "other size", "contaminant")}
-    rows.append(("latent (IPCA + envelope, oracle contamination)", float("nan"), report, missed, 0.0, t_lat))
-    selections["latent"] = lat
+    ranked = lat_score >= np.sort(lat_score)[-int(truth.sum())]
+    for name, chosen in (("latent, contamination 0.5", lat), ("latent, top-N by score (oracle N)", ranked)):
+        rows.append((name, float("nan"), metrics.classification_report(truth, chosen, lat_score),
+                     false_positives(chosen, kinds), 0.0, t_lat))
+        selections[name] = chosen
 
     print("| method | CV F1 | test precision | recall | F1 | ROC AUC | selected | false positives (multiple / other size / "
           "contaminant) | train s | test s |")

@@ -455,12 +455,13 @@ def train() -> None:
 @click.option("--folds", type=int, default=5, show_default=True, help="k of the k-fold ensemble.")
 @click.option("--more-sh", is_flag=True, help="High-recall variant: 5 % positives and class weights 0.9/0.1.")
 @click.option("--crop", nargs=2, type=int, default=(192, 96), show_default=True, help="Input patch (h w) around the beam.")
+@click.option("--width", type=int, default=16, show_default=True, help="Filters of the first stage (the paper: 16).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @scheduler_option
 @workers_option
 @_fail_clearly
 def train_hits(store: str, label: str, out: str, steps: int, folds: int, more_sh: bool, crop: tuple[int, int],
-               seed: int, scheduler: str | None, workers: int | None) -> None:
+               width: int, seed: int, scheduler: str | None, workers: int | None) -> None:
     """Train the single-hit classifier ensemble (Assalauova et al. 2022) on STORE's LABEL."""
     from rich.progress import Progress
 
@@ -468,7 +469,8 @@ def train_hits(store: str, label: str, out: str, steps: int, folds: int, more_sh
     from diffdask.ml.preprocess import Preprocess
     from diffdask.ml.train import TrainConfig, train_classifier
 
-    config = TrainConfig(preprocess=Preprocess(crop=crop), steps=steps, k_folds=folds, seed=seed,
+    config = TrainConfig(arch_kwargs={"width": width}, preprocess=Preprocess(crop=crop), steps=steps, k_folds=folds,
+                         seed=seed,
                          positive_fraction=0.05 if more_sh else 0.02,
                          class_weights=(0.9, 0.1) if more_sh else None)
     with _client(scheduler, workers), Progress(console=console) as bar:
@@ -487,18 +489,21 @@ def train_hits(store: str, label: str, out: str, steps: int, folds: int, more_sh
 @click.option("--out", type=click.Path(), required=True)
 @click.option("--targets", default="beam_center_y,beam_center_x,pitch_deg,yaw_deg", show_default=True)
 @click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--width", type=int, default=64, show_default=True, help="Filters of the first stage (ResNet-18: 64).")
+@click.option("--learning-rate", type=float, default=1e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @scheduler_option
 @workers_option
 @_fail_clearly
-def train_geometry(store: str, out: str, targets: str, steps: int, seed: int, scheduler: str | None,
-                   workers: int | None) -> None:
+def train_geometry(store: str, out: str, targets: str, steps: int, width: int, learning_rate: float, seed: int,
+                   scheduler: str | None, workers: int | None) -> None:
     """Train the beam-centre / tilt regressor on STORE's per-frame targets."""
     from diffdask.io import open_frames
     from diffdask.ml.preprocess import Preprocess
     from diffdask.ml.train import TrainConfig, train_regressor
 
-    config = TrainConfig(architecture="GeometryRegressor", preprocess=Preprocess(scale="log1p"), steps=steps, seed=seed)
+    config = TrainConfig(architecture="GeometryRegressor", arch_kwargs={"width": width},
+                         preprocess=Preprocess(scale="log1p"), steps=steps, learning_rate=learning_rate, seed=seed)
     with _client(scheduler, workers):
         result = train_regressor(open_frames(store), [t.strip() for t in targets.split(",")], out, config)
     for name, mae in result["mae"].items():

@@ -124,7 +124,7 @@ def _train_one(x: np.ndarray, y: np.ndarray, config: TrainConfig, folder: Path, 
         optimizer.step()
         schedule.step()
         if progress is not None:
-            progress(step + 1, config.steps, float(loss))
+            progress(step + 1, config.steps, loss.item())
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -264,7 +264,7 @@ def train_regressor(
         optimizer.step()
         schedule.step()
         if progress is not None:
-            progress(step + 1, config.steps, float(loss))
+            progress(step + 1, config.steps, loss.item())
     model.eval()
     with torch.inference_mode():
         predicted = model(torch.from_numpy(x[held])).double().numpy() * std + mean
