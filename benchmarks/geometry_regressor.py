@@ -8,11 +8,12 @@ beam and made elliptical by the tilt) and "flat" (uniform photons: only the Brag
 beamstop shadow carry the geometry — the poster's failure case).
 
 Regressors (`train_regressor`, `GeometryRegressor`: ResNet-18 layout, ``--width`` filters in
-the first stage) of beam_center_y, beam_center_x, pitch_deg, yaw_deg:
+the first stage) of beam_center_y, beam_center_x, pitch_deg, yaw_deg, one per configuration:
 
-- "standard only": trained on standard images, as in the poster;
-- "mixed": trained on an equal mix of standard and flat images (the poster's remedy: more
-  varied backgrounds, so the rings cannot be the only cue).
+- "poster": trained on standard images, plain ResNet (no position channels), as in the poster;
+- "standard + xy": trained on standard images, with the two position channels (CoordConv);
+- "mixed + xy": position channels, trained on an equal mix of standard and flat images (the
+  poster's remedy: more varied backgrounds, so the rings cannot be the only cue).
 
 Each is scored on held-out standard and flat test sets: mean absolute error of the beam centre
 (pixels) and of pitch and yaw (degrees). Data sets are written once under ``--workdir``.
@@ -28,7 +29,6 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="Filters of the first stage (ResNet-18: 64).")
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--configs", default="poster,standard + xy,mixed + xy")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -91,20 +92,21 @@ def main() -> None:
     print(f"# data: {time.perf_counter() - t0:.0f} s; {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, width {args.width}, {args.steps} steps, lr {args.learning_rate}, seed {args.seed}")
     keep = [*TARGETS, "frames", "mask"]
-    training: dict[str, Any] = {
-        "standard only": standard,
-        "mixed": xr.concat([standard.isel(frame=slice(0, args.train_frames - half))[keep], flat[keep]], dim="frame",
-                           combine_attrs="override"),
-    }
-    print("| trained on | test set | centre MAE px (y / x) | pitch MAE ° | yaw MAE ° | train s |")
+    mixed = xr.concat([standard.isel(frame=slice(0, args.train_frames - half))[keep], flat[keep]], dim="frame",
+                      combine_attrs="override")
+    configs: dict[str, tuple[xr.Dataset, bool]] = {
+        "poster": (standard, False), "standard + xy": (standard, True), "mixed + xy": (mixed, True)}
+    print("| configuration | test set | centre MAE px (y / x) | pitch MAE ° | yaw MAE ° | train s |")
     print("|---|---|---|---|---|---|")
-    for name, ds in training.items():
-        config = TrainConfig(architecture="GeometryRegressor", arch_kwargs={"width": args.width},
+    for name in args.configs.split(","):
+        ds, coordinates = configs[name]
+        config = TrainConfig(architecture="GeometryRegressor",
+                             arch_kwargs={"width": args.width, "coordinates": coordinates},
                              preprocess=Preprocess(scale="log1p"), steps=args.steps,
                              learning_rate=args.learning_rate, seed=args.seed)
         t0 = time.perf_counter()
-        result = train_regressor(ds.chunk({"frame": 500}), list(TARGETS), str(work / name.replace(" ", "_")), config,
-                                 progress=_progress)
+        folder = work / name.replace(" + ", "_").replace(" ", "_")
+        result = train_regressor(ds.chunk({"frame": 500}), list(TARGETS), str(folder), config, progress=_progress)
         t_train = time.perf_counter() - t0
         for variant, test in tests.items():
             m = mae(result["model"], test)

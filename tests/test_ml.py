@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 import diffdask as dd
 from diffdask.ml import (
+    GeometryRegressor,
     HitClassifier,
     MLPHead,
     ModelFileError,
@@ -94,6 +96,16 @@ def test_weights_round_trip_and_unsafe_or_broken_files_are_refused(tmp_path):
     for a, b in zip(model.state_dict().values(), back.state_dict().values()):
         assert torch.equal(a, b)
     assert spec.kind == "regressor" and spec.outputs == ["a", "b", "c"]
+
+    # The sidecar pins every constructor argument, defaults included, and rebuilds that network.
+    regressor = GeometryRegressor(width=8, blocks_per_stage=(1, 1), coordinates=False)
+    save_model(regressor, tmp_path / "geo", ModelSpec("GeometryRegressor", {"width": 8, "blocks_per_stage": [1, 1],
+                                                                           "coordinates": False}, kind="regressor"))
+    kwargs = json.loads((tmp_path / "geo.json").read_text())["kwargs"]
+    assert kwargs["n_outputs"] == 4 and kwargs["in_channels"] == 1 and kwargs["coordinates"] is False
+    x = torch.rand(2, 1, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(load_model(tmp_path / "geo.pt")[0].eval()(x), regressor.eval()(x))
 
     class Evil:
         def __reduce__(self):

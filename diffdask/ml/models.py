@@ -7,6 +7,7 @@ carries pickled code is refused, never executed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from diffdask.errors import DiffdaskError, ParameterError, StoreNotFoundError
-from diffdask.ml.nets import build
+from diffdask.ml.nets import ARCHITECTURES, build
 
 
 class ModelFileError(DiffdaskError, ValueError):
@@ -74,6 +75,12 @@ def save_model(model: nn.Module, path: str | Path, spec: ModelSpec) -> Path:
     weights, sidecar = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     spec.diffdask_version = __version__
+    # Every constructor argument is written, defaults included, so that a later change of a
+    # default cannot rebuild a different network around these weights.
+    if spec.architecture in ARCHITECTURES:
+        parameters = inspect.signature(ARCHITECTURES[spec.architecture].__init__).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        spec.kwargs = {**defaults, **spec.kwargs}
     torch.save(model.state_dict(), weights)
     sidecar.write_text(json.dumps(asdict(spec), indent=1))
     return weights

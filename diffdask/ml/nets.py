@@ -158,6 +158,11 @@ class GeometryRegressor(nn.Module):
         concatenated to the pooled features before the head; 0 for none.
     n_outputs : int
         Regressed values (4: beam_center_y, beam_center_x, pitch_deg, yaw_deg).
+    coordinates : bool
+        Append two input channels holding each pixel's row and column (scaled to [−1, 1]),
+        "CoordConv" (Liu et al. 2018). Convolutions and global average pooling are blind to
+        where a feature sits, yet the beam centre *is* a position: without these channels the
+        network can only read it from the padding at the edges, which is slow to learn.
     """
 
     def __init__(
@@ -167,10 +172,12 @@ class GeometryRegressor(nn.Module):
         blocks_per_stage: Sequence[int] = (2, 2, 2, 2),
         n_conditions: int = 0,
         n_outputs: int = 4,
+        coordinates: bool = True,
     ) -> None:
         super().__init__()
+        self.coordinates = bool(coordinates)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
+            nn.Conv2d(in_channels + 2 * self.coordinates, width, 7, stride=2, padding=3, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
@@ -187,6 +194,11 @@ class GeometryRegressor(nn.Module):
         self.head = MLPHead(channels + self.n_conditions, n_outputs, hidden=(256,))
 
     def forward(self, x: torch.Tensor, conditions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.coordinates:
+            n, _, h, w = x.shape
+            rows = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device).view(1, 1, h, 1).expand(n, 1, h, w)
+            cols = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device).view(1, 1, 1, w).expand(n, 1, h, w)
+            x = torch.cat([x, rows, cols], dim=1)
         features = self.blocks(self.stem(x)).mean(dim=(2, 3))
         if self.n_conditions:
             if conditions is None or conditions.shape[-1] != self.n_conditions:
