@@ -91,9 +91,9 @@ def main() -> None:
              for i, v in enumerate(("standard", "flat"))}
     print(f"# data: {time.perf_counter() - t0:.0f} s; {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, width {args.width}, {args.steps} steps, lr {args.learning_rate}, seed {args.seed}")
-    keep = [*TARGETS, "frames", "mask"]
+    keep = [*TARGETS, "frames"]
     mixed = xr.concat([standard.isel(frame=slice(0, args.train_frames - half))[keep], flat[keep]], dim="frame",
-                      combine_attrs="override")
+                      combine_attrs="override").assign(mask=standard["mask"] & flat["mask"])
     configs: dict[str, tuple[xr.Dataset, bool]] = {
         "poster": (standard, False), "standard + xy": (standard, True), "mixed + xy": (mixed, True)}
     print("| configuration | test set | centre MAE px (y / x) | pitch MAE ° | yaw MAE ° | train s |")
