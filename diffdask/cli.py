@@ -470,8 +470,7 @@ def train_hits(store: str, label: str, out: str, steps: int, folds: int, more_sh
     from diffdask.ml.train import TrainConfig, train_classifier
 
     config = TrainConfig(arch_kwargs={"width": width}, preprocess=Preprocess(crop=crop), steps=steps, k_folds=folds,
-                         seed=seed,
-                         positive_fraction=0.05 if more_sh else 0.02,
+                         seed=seed, positive_fraction=0.05 if more_sh else 0.02,
                          class_weights=(0.9, 0.1) if more_sh else None)
     with _client(scheduler, workers), Progress(console=console) as bar:
         task = bar.add_task("training", total=steps * folds)
