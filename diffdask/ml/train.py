@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,19 +239,16 @@ def train_regressor(
     x = network_inputs(ds, config.preprocess)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(y))
-    n_val = max(1, int(round(validation_fraction * len(y))))
+    n_val = max(1, round(validation_fraction * len(y)))
     held, train = order[:n_val], order[n_val:]
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build(config.architecture, {**config.arch_kwargs, "n_outputs": len(targets)})
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / config.steps) ** config.lr_power)
-    intensity_only = None if config.augment is None else Augment(
-        p_rotate=0, p_scale=0, p_shift=0, p_elastic=0, p_mirror=0, p_gamma=config.augment.p_gamma,
-        gamma_range=config.augment.gamma_range, p_noise=config.augment.p_noise,
-        noise_sigma=config.augment.noise_sigma, p_blur=config.augment.p_blur,
-        blur_sigma=config.augment.blur_sigma, p_cutout=config.augment.p_cutout,
-        cutout_fraction=config.augment.cutout_fraction)
+    # Geometric augmentations would move the targets: only the intensity ones stay on.
+    intensity_only = None if config.augment is None else replace(
+        config.augment, p_rotate=0, p_scale=0, p_shift=0, p_elastic=0, p_mirror=0)
     inputs = torch.from_numpy(x[train])
     goals = torch.from_numpy(((y[train] - mean) / std).astype(np.float32))
     model.train()
