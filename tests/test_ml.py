@@ -217,6 +217,11 @@ def test_training_refuses_bad_labels(tmp_path):
         train_classifier(one_class, "single_hit", str(tmp_path), _config())
     with pytest.raises(dd.ParameterError):
         TrainConfig(positive_fraction=1.5)
+    for net in (HitClassifier, GeometryRegressor):
+        with pytest.raises(dd.ParameterError, match="width"):
+            net(width=0)
+        with pytest.raises(dd.ParameterError, match="blocks_per_stage"):
+            net(blocks_per_stage=(2, 0))
 
 
 def test_a_small_regressor_learns_the_beam_centre(tmp_path):

@@ -30,6 +30,13 @@ def register(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def _check_layout(width: int, blocks_per_stage: Sequence[int]) -> None:
+    if int(width) < 1:
+        raise ParameterError(f"width (filters of the first stage) must be ≥ 1, got {width}.")
+    if len(blocks_per_stage) < 1 or min(blocks_per_stage) < 1:
+        raise ParameterError(f"blocks_per_stage must be positive counts, got {blocks_per_stage}.")
+
+
 class PreActBlock(nn.Module):
     """Pre-activation residual block (He et al. 2016): BN → LeakyReLU → conv, twice, plus skip."""
 
@@ -82,8 +89,7 @@ class HitClassifier(nn.Module):
         slope: float = 0.01,
     ) -> None:
         super().__init__()
-        if len(blocks_per_stage) < 1 or min(blocks_per_stage) < 1:
-            raise ParameterError(f"blocks_per_stage must be positive counts, got {blocks_per_stage}.")
+        _check_layout(width, blocks_per_stage)
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         layers: list[nn.Module] = []
         channels = width
@@ -175,6 +181,7 @@ class GeometryRegressor(nn.Module):
         coordinates: bool = True,
     ) -> None:
         super().__init__()
+        _check_layout(width, blocks_per_stage)
         self.coordinates = bool(coordinates)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels + 2 * self.coordinates, width, 7, stride=2, padding=3, bias=False),
