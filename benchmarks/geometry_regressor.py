@@ -2,8 +2,8 @@
 
 Data: `simulate_bragg` on a 128×128 detector (400 µm pixels at 6 cm ± 10 %, λ = 1 Å), beam
 centre jittered ± 10 px around the detector centre, pitch and yaw uniform in ± 3°, random
-triclinic-ish cells (4–10 nm) in random orientations, Poisson photons, hot and dead pixels and a
-beamstop shadow. Two backgrounds: "standard" (diffuse water and polymer rings, centred on the
+triclinic-ish cells (4–10 nm) in random orientations (``--mosaicity-deg``, ``--domain-size-nm``
+set how many reflections light up), Poisson photons, hot and dead pixels and a beamstop shadow. Two backgrounds: "standard" (diffuse water and polymer rings, centred on the
 beam and made elliptical by the tilt) and "flat" (uniform photons: only the Bragg spots and the
 beamstop shadow carry the geometry — the poster's failure case).
 
@@ -16,7 +16,12 @@ the first stage) of beam_center_y, beam_center_x, pitch_deg, yaw_deg, one per co
   poster's remedy: more varied backgrounds, so the rings cannot be the only cue).
 
 Each is scored on held-out standard and flat test sets: mean absolute error of the beam centre
-(pixels) and of pitch and yaw (degrees). Data sets are written once under ``--workdir``.
+(pixels) and of pitch and yaw (degrees). Then the network's predictions start
+`diffdask.refine_geometry`, a per-frame fit of the water and polymer rings (their q known, as a
+calibrant's are): rows "→ ring refinement" score its result (frames without rings keep the
+network's values), with the share of frames refined and the median standard error the fit
+reports — the information the rings hold, a Cramér–Rao bound for any estimator that reads them.
+Data sets are written once under ``--workdir``; ``--reuse`` takes trained models found there.
 
 Run: ``python benchmarks/geometry_regressor.py --workdir /tmp/geometry`` (``--help`` for sizes).
 Prints a Markdown table.
@@ -25,6 +30,7 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -37,18 +43,26 @@ import xarray as xr
 import diffdask as dd
 from diffdask.ml import Preprocess, TrainConfig, predict, train_regressor
 from diffdask.simulate import simulate_bragg
+from diffdask.simulate.bragg import PLASTIC_RING, WATER_RING
 
 TARGETS = ("beam_center_y", "beam_center_x", "pitch_deg", "yaw_deg")
+#: The simulator's default beamstop shadow radius, pixels.
+BEAMSTOP_PX = 6.0
 
 
 def geometry() -> dd.Geometry:
     return dd.Geometry((128, 128), 400e-6, 0.06, 1e-10)
 
 
-def stored_set(path: Path, n: int, variant: str, seed: int) -> xr.Dataset:
+#: The simulator's background rings as (q centre, q σ), nm⁻¹ (q = 2π/d).
+RINGS = [(2 * math.pi * WATER_RING[0], 2 * math.pi * WATER_RING[1]),
+         (2 * math.pi * PLASTIC_RING[0], 2 * math.pi * PLASTIC_RING[1])]
+
+
+def stored_set(path: Path, n: int, variant: str, seed: int, crystal: dict[str, float]) -> xr.Dataset:
     """A Bragg data set at ``path``, simulated and saved on first use."""
     if not path.exists():
-        ds = simulate_bragg(n, geometry(), variant=variant, seed=seed, chunks=500)
+        ds = simulate_bragg(n, geometry(), variant=variant, seed=seed, chunks=500, **crystal)
         dd.save_frames(ds, str(path), batch_frames=500)
     return dd.open_frames(str(path))
 
@@ -58,14 +72,34 @@ def _progress(step: int, total: int, loss: float) -> None:
         print(f"#   step {step}/{total} loss {loss:.4f}", flush=True)
 
 
-def mae(model: str, ds: xr.Dataset) -> dict[str, float]:
-    with dd.connect(n_workers=2, threads_per_worker=1):
-        predicted = predict(ds, model).predictions.values
+def scores(predicted: np.ndarray, ds: xr.Dataset) -> dict[str, float]:
+    """Mean absolute errors of (n, 4) predictions of `TARGETS`."""
     truth = np.stack([ds[t].values for t in TARGETS], axis=1)
     err = np.abs(predicted - truth)
     return {"center_px": float(np.hypot(err[:, 0], err[:, 1]).mean()), "center_y_px": float(err[:, 0].mean()),
             "center_x_px": float(err[:, 1].mean()), "pitch_deg": float(err[:, 2].mean()),
             "yaw_deg": float(err[:, 3].mean())}
+
+
+def evaluate(model: str, ds: xr.Dataset, refine: bool) -> tuple[dict[str, float], dict[str, float] | None, str]:
+    """Network scores, then (if ``refine``) scores after ring refinement and its summary."""
+    with dd.connect(n_workers=2, threads_per_worker=1):
+        predictions = predict(ds, model).predictions.compute()
+        if not refine:
+            return scores(predictions.values, ds), None, ""
+        t0 = time.perf_counter()
+        fit = dd.refine_geometry(ds, RINGS, initial=predictions, exclude_radius_px=BEAMSTOP_PX + 2).compute()
+        seconds = time.perf_counter() - t0
+    refined = fit["refined"].values
+    sigma = fit[["pitch_deg_error", "yaw_deg_error"]].to_array().values[:, refined]
+    bound = f", median σ tilt {np.median(sigma):.3f}°" if sigma.size else ""
+    summary = f"{refined.mean():.0%} refined{bound}, {len(refined) / seconds:.1f} frames/s"
+    return scores(predictions.values, ds), scores(np.stack([fit[t].values for t in TARGETS], axis=1), ds), summary
+
+
+def row(name: str, variant: str, m: dict[str, float], extra: str) -> str:
+    return (f"| {name} | {variant} | {m['center_px']:.2f} ({m['center_y_px']:.2f} / {m['center_x_px']:.2f}) | "
+            f"{m['pitch_deg']:.3f} | {m['yaw_deg']:.3f} | {extra} |")
 
 
 def main() -> None:
@@ -77,6 +111,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--configs", default="poster,standard + xy,mixed + xy")
+    parser.add_argument("--refine", default="poster,mixed + xy", help="Configurations whose predictions start ring refinement.")
+    parser.add_argument("--mosaicity-deg", type=float, default=0.02)
+    parser.add_argument("--domain-size-nm", type=float, default=1000.0)
+    parser.add_argument("--reuse", action="store_true", help="Take models already trained in the workdir.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -85,33 +123,42 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
     half = args.train_frames // 2
-    standard = stored_set(work / "train_standard.zarr", args.train_frames, "standard", seed=11)
-    flat = stored_set(work / "train_flat.zarr", half, "flat", seed=12)
-    tests = {v: stored_set(work / f"test_{v}.zarr", args.test_frames, v, seed=21 + i)
+    crystal = {"mosaicity_deg": args.mosaicity_deg, "domain_size_nm": args.domain_size_nm}
+    standard = stored_set(work / "train_standard.zarr", args.train_frames, "standard", 11, crystal)
+    flat = stored_set(work / "train_flat.zarr", half, "flat", 12, crystal)
+    tests = {v: stored_set(work / f"test_{v}.zarr", args.test_frames, v, 21 + i, crystal)
              for i, v in enumerate(("standard", "flat"))}
-    print(f"# data: {time.perf_counter() - t0:.0f} s; {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, width {args.width}, {args.steps} steps, lr {args.learning_rate}, seed {args.seed}")
+    spots = float(tests["standard"]["n_spots"].mean())
+    print(f"# data: {time.perf_counter() - t0:.0f} s, {spots:.0f} spots per test image; {platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, width {args.width}, {args.steps} steps, "
+          f"lr {args.learning_rate}, seed {args.seed}")
     keep = [*TARGETS, "frames"]
     mixed = xr.concat([standard.isel(frame=slice(0, args.train_frames - half))[keep], flat[keep]], dim="frame",
                       combine_attrs="override").assign(mask=standard["mask"] & flat["mask"])
     configs: dict[str, tuple[xr.Dataset, bool]] = {
         "poster": (standard, False), "standard + xy": (standard, True), "mixed + xy": (mixed, True)}
-    print("| configuration | test set | centre MAE px (y / x) | pitch MAE ° | yaw MAE ° | train s |")
+    to_refine = set(args.refine.split(",")) if args.refine else set()
+    print("| configuration | test set | centre MAE px (y / x) | pitch MAE ° | yaw MAE ° | train s / notes |")
     print("|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         ds, coordinates = configs[name]
-        config = TrainConfig(architecture="GeometryRegressor",
-                             arch_kwargs={"width": args.width, "coordinates": coordinates},
-                             preprocess=Preprocess(scale="log1p"), steps=args.steps,
-                             learning_rate=args.learning_rate, seed=args.seed)
-        t0 = time.perf_counter()
         folder = work / name.replace(" + ", "_").replace(" ", "_")
-        result = train_regressor(ds.chunk({"frame": 500}), list(TARGETS), str(folder), config, progress=_progress)
-        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if args.reuse and (folder / "model.json").exists():
+            model, trained = str(folder), "reused"
+        else:
+            config = TrainConfig(architecture="GeometryRegressor",
+                                 arch_kwargs={"width": args.width, "coordinates": coordinates},
+                                 preprocess=Preprocess(scale="log1p"), steps=args.steps,
+                                 learning_rate=args.learning_rate, seed=args.seed)
+            model = train_regressor(ds.chunk({"frame": 500}), list(TARGETS), str(folder), config,
+                                    progress=_progress)["model"]
+            trained = f"{time.perf_counter() - t0:.0f}"
         for variant, test in tests.items():
-            m = mae(result["model"], test)
-            print(f"| {name} | {variant} | {m['center_px']:.2f} ({m['center_y_px']:.2f} / {m['center_x_px']:.2f}) | "
-                  f"{m['pitch_deg']:.3f} | {m['yaw_deg']:.3f} | {t_train:.0f} |", flush=True)
+            net, refined, summary = evaluate(model, test, name in to_refine)
+            print(row(name, variant, net, trained), flush=True)
+            if refined is not None:
+                print(row(f"{name} → ring refinement", variant, refined, summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from diffdask.reduce import (
     size_filter,
     summarize,
 )
+from diffdask.refine import refine_geometry
 from diffdask.roi import differential_phase, find_roi, grow_roi, scan_grid, scan_maps
 from diffdask.simulate import (
     Particle,
@@ -118,6 +119,7 @@ __all__ = [
     "read_emc",
     "read_emc_output",
     "reduce_frames",
+    "refine_geometry",
     "rotation_invariant_features",
     "save_frames",
     "save_results",

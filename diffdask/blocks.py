@@ -128,8 +128,26 @@ def _checked_call(kernel: Kernel, names: Sequence[str], *args: Any, **kwargs: An
     return result
 
 
-def _checked_call_at(kernel: Kernel, names: Sequence[str], offset: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _checked_call(kernel, names, *args, frame_offset=offset, **kwargs)
+def _block_call(
+    kernel: Kernel, names: Sequence[str], offset: int | None, extra_names: Sequence[str], block: Any, *extra: Any,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    if offset is not None:
+        kwargs["frame_offset"] = offset
+    return _checked_call(kernel, names, block, **dict(zip(extra_names, extra)), **kwargs)
+
+
+def _aligned(frames: da.Array, per_frame: Mapping[str, Any]) -> dict[str, da.Array]:
+    # Per-frame arrays cut into the frames' chunks, so block i of each meets frame block i.
+    out = {}
+    for key, value in per_frame.items():
+        arr = value if isinstance(value, da.Array) else da.asarray(value)
+        if arr.ndim < 1 or arr.shape[0] != frames.shape[0]:
+            raise ParameterError(
+                f"per-frame array {key!r} has shape {arr.shape}; it needs {frames.shape[0]} rows, one per frame."
+            )
+        out[key] = arr.rechunk((frames.chunks[0],) + tuple((n,) for n in arr.shape[1:]))
+    return out
 
 
 def map_frames(
@@ -139,6 +157,7 @@ def map_frames(
     kwargs: Mapping[str, Any] | None = None,
     name: str | None = None,
     pass_offset: bool = False,
+    per_frame: Mapping[str, da.Array] | None = None,
 ) -> dict[str, da.Array]:
     """Apply ``kernel`` to each chunk of frames; return lazy per-frame outputs.
 
@@ -158,6 +177,9 @@ def map_frames(
     pass_offset : bool
         Also pass ``frame_offset=`` (index of the chunk's first frame in the stack) to the
         kernel, e.g. to lay frames out the same way whatever the chunking.
+    per_frame : mapping of str to dask.array.Array, optional
+        Arrays aligned on the frame axis (e.g. a starting value per frame), rechunked like
+        ``frames``; the kernel gets the matching rows of each as a keyword argument.
 
     Returns
     -------
@@ -168,20 +190,21 @@ def map_frames(
     frames = _frame_blocks(frames)
     specs = _check_outputs(outputs)
     kwargs = dict(kwargs or {})
+    extras = _aligned(frames, per_frame or {})
     prefix = name or getattr(kernel, "__name__", "kernel")
-    token = tokenize(kernel, frames, specs, kwargs, pass_offset)
+    token = tokenize(kernel, frames, specs, kwargs, pass_offset, extras)
     kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
     inner = (0,) * (frames.ndim - 1)
     names = list(specs)
+    extra_names = list(extras)
     layer: dict[Any, Any] = {kwname: kwargs}
     starts = np.cumsum((0,) + frames.chunks[0][:-1])
     for i in range(frames.numblocks[0]):
         block = (frames.name, i) + inner
-        if pass_offset:
-            layer[(kname, i)] = (apply, _checked_call_at, [kernel, names, int(starts[i]), block], kwname)
-        else:
-            layer[(kname, i)] = (apply, _checked_call, [kernel, names, block], kwname)
-    graph = HighLevelGraph.from_collections(kname, layer, dependencies=[frames])
+        offset = int(starts[i]) if pass_offset else None
+        extra_blocks = [(a.name, i) + (0,) * (a.ndim - 1) for a in extras.values()]
+        layer[(kname, i)] = (apply, _block_call, [kernel, names, offset, extra_names, block, *extra_blocks], kwname)
+    graph = HighLevelGraph.from_collections(kname, layer, dependencies=[frames, *extras.values()])
     result = {}
     for out, (tail, dtype) in specs.items():
         oname = f"{prefix}-{out}-{token}"

@@ -29,6 +29,24 @@ GEOMETRY_ATTRS = ("wavelength_m", "distance_m", "pixel_size_m", "beam_center_yx"
 _POLARIZATIONS = ("x", "y", "none")
 
 
+def ray_polarization_factor(unit_vectors: np.ndarray, polarization: str) -> np.ndarray:
+    """Thomson polarisation factor of scattered rays (the beam runs along +z).
+
+    Parameters
+    ----------
+    unit_vectors : ndarray, shape (3, ...)
+        Unit ray directions (x, y, z).
+    polarization : {"x", "y", "none"}
+        Direction of the beam's linear polarisation, or "none": P = (1 + cos² 2θ)/2.
+    """
+    if polarization not in _POLARIZATIONS:
+        raise ParameterError(f"polarization must be one of {_POLARIZATIONS}, got {polarization!r}.")
+    if polarization == "none":
+        return (1.0 + unit_vectors[2] ** 2) / 2.0
+    u = unit_vectors[0 if polarization == "x" else 1]
+    return 1.0 - u * u
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     a.setflags(write=False)
     return a
@@ -326,12 +344,7 @@ class Geometry:
             Direction of linear polarisation of the beam ("x" is horizontal at most XFELs), or
             "none" for an unpolarised source, P = (1 + cos² 2θ)/2.
         """
-        if polarization not in _POLARIZATIONS:
-            raise ParameterError(f"polarization must be one of {_POLARIZATIONS}, got {polarization!r}.")
-        if polarization == "none":
-            return (1.0 + np.cos(self.two_theta_rad) ** 2) / 2.0
-        u = self.unit_vectors[0 if polarization == "x" else 1]
-        return 1.0 - u * u
+        return ray_polarization_factor(self.unit_vectors, polarization)
 
     # ------------------------------------------------------------------ tilted detector
     @staticmethod
@@ -363,15 +376,25 @@ class Geometry:
         pos[2] += self.distance_m
         return pos
 
-    def tilted_maps(self, pitch_rad: float = 0.0, yaw_rad: float = 0.0) -> dict[str, np.ndarray]:
-        """Scattering vectors, 2θ and solid angles of a tilted detector.
+    def tilted_maps(
+        self, pitch_rad: float = 0.0, yaw_rad: float = 0.0, polarization: str = "x"
+    ) -> dict[str, np.ndarray]:
+        """Scattering vectors, 2θ, solid angles and polarisation of a tilted detector.
+
+        Parameters
+        ----------
+        pitch_rad, yaw_rad : float
+            Detector tilt (see `tilt_matrix`).
+        polarization : {"x", "y", "none"}
+            Beam polarisation of the ``polarization_factor`` map (see `polarization_factor`).
 
         Returns
         -------
         dict
             ``unit_vectors`` (3, ny, nx), ``scattering_vectors_inv_nm`` s = (û − ẑ)/λ
-            (3, ny, nx), ``two_theta_rad`` and ``solid_angle_sr`` (ny, nx), the latter
-            A cos ψ / r² with ψ the angle between the ray and the detector normal.
+            (3, ny, nx), ``two_theta_rad``, ``solid_angle_sr`` (ny, nx), the latter
+            A cos ψ / r² with ψ the angle between the ray and the detector normal, and
+            ``polarization_factor`` (ny, nx).
         """
         pos = self.pixel_positions_m(pitch_rad, yaw_rad)
         r = np.sqrt((pos**2).sum(axis=0))
@@ -386,6 +409,7 @@ class Geometry:
             "scattering_vectors_inv_nm": s / (self.wavelength_m * 1e9),
             "two_theta_rad": np.arccos(np.clip(u[2], -1.0, 1.0)),
             "solid_angle_sr": py * px * cos_psi / r**2,
+            "polarization_factor": ray_polarization_factor(u, polarization),
         }
 
     def project_directions(

@@ -123,6 +123,24 @@ def test_pair_blocks_rectangular_and_errors():
         map_frames(_stats, FRAMES, SPECS)
 
 
+def _shifted(block, start, scale):
+    return {"value": block.sum(axis=(1, 2)) * scale + start[:, 0] - start[:, 1]}
+
+
+@pytest.mark.parametrize("frame_chunks, extra_chunks", [(10, 53), (7, 4), (1, 53)])
+def test_map_frames_passes_aligned_per_frame_rows(frame_chunks, extra_chunks):
+    start = RNG.random((53, 2))
+    out = map_frames(_shifted, da.from_array(FRAMES, chunks=frame_chunks), {"value": ((), "f8")},
+                     kwargs={"scale": 2.0}, per_frame={"start": da.from_array(start, chunks=(extra_chunks, 2))})
+    assert np.allclose(out["value"].compute(), FRAMES.sum(axis=(1, 2)) * 2.0 + start[:, 0] - start[:, 1])
+
+
+def test_map_frames_refuses_a_per_frame_array_of_another_length():
+    with pytest.raises(ParameterError, match="one per frame"):
+        map_frames(_shifted, da.from_array(FRAMES, chunks=10), {"value": ((), "f8")}, kwargs={"scale": 1.0},
+                   per_frame={"start": np.zeros((52, 2))})
+
+
 def test_patterns_run_on_a_distributed_cluster(client):
     weight = RNG.random((6, 5))
     out = map_frames(_stats, da.from_array(FRAMES, chunks=8), SPECS, kwargs={"weight": weight})
@@ -132,3 +150,7 @@ def test_patterns_run_on_a_distributed_cluster(client):
     items = RNG.random((17, 3))
     pairs = pair_blocks(lambda x, y: {"d": x @ y.T}, da.from_array(items, chunks=5), {"d": ((), "f8")})
     assert np.allclose(pairs["d"].compute(), items @ items.T)
+    start = RNG.random((53, 2))
+    shifted = map_frames(_shifted, da.from_array(FRAMES, chunks=8), {"value": ((), "f8")}, kwargs={"scale": 1.0},
+                         per_frame={"start": da.from_array(start, chunks=(20, 2))})
+    assert np.allclose(shifted["value"].compute(), FRAMES.sum(axis=(1, 2)) + start[:, 0] - start[:, 1])

@@ -27,7 +27,7 @@ import diffdask
 from diffdask.blocks import generate_frames
 from diffdask.errors import ParameterError
 from diffdask.frames import FRAME_DIMS, MASK_DIMS, frames_per_chunk, validate
-from diffdask.geometry import Geometry
+from diffdask.geometry import Geometry, ray_polarization_factor
 from diffdask.simulate.common import (
     STREAM_DETECTOR,
     STREAM_NOISE,
@@ -250,13 +250,8 @@ def bragg_kernel(start: int, stop: int, *, model: BraggModel, geometry: Geometry
     for i in range(n):
         par = _frame_parameters(model, geometry, start + i)
         g = Geometry(geometry.shape, geometry.pixel_size_m, par["distance"], geometry.wavelength_m, par["center"])
-        maps = g.tilted_maps(par["pitch"], par["yaw"])
+        maps = g.tilted_maps(par["pitch"], par["yaw"], model.polarization)
         s_len = np.sqrt((maps["scattering_vectors_inv_nm"] ** 2).sum(axis=0))
-        u = maps["unit_vectors"]
-        if model.polarization == "none":
-            pol = (1.0 + np.cos(maps["two_theta_rad"]) ** 2) / 2.0
-        else:
-            pol = 1.0 - u[0 if model.polarization == "x" else 1] ** 2
         cell = cell_matrix(par["lengths"], par["angles"])
         rot = quaternion_to_matrix(par["quaternion"])
         hkl, s, partiality = bragg_reflections(
@@ -266,11 +261,7 @@ def bragg_kernel(start: int, stop: int, *, model: BraggModel, geometry: Geometry
         wilson = par["rng"].exponential(1.0, size=len(hkl))
         k_out = s + np.array([0.0, 0.0, 1.0 / lam_nm])
         rows, cols = g.project_directions(k_out.T, par["pitch"], par["yaw"])
-        u_out = k_out / np.linalg.norm(k_out, axis=1, keepdims=True)
-        if model.polarization == "none":
-            p_spot = (1.0 + u_out[:, 2] ** 2) / 2.0
-        else:
-            p_spot = 1.0 - u_out[:, 0 if model.polarization == "x" else 1] ** 2
+        p_spot = ray_polarization_factor((k_out / np.linalg.norm(k_out, axis=1, keepdims=True)).T, model.polarization)
         photons = model.spot_photons * np.exp(-0.5 * model.b_factor_nm2 * s_abs**2) * wilson * partiality * p_spot
         margin = SPOT_RADIUS_SIGMA * model.spot_sigma_px + 1
         on = np.isfinite(rows) & (rows > -margin) & (rows < ny - 1 + margin) & (cols > -margin) & (cols < nx - 1 + margin)
@@ -281,7 +272,7 @@ def bragg_kernel(start: int, stop: int, *, model: BraggModel, geometry: Geometry
         else:
             # Diffuse rings scale with P ΔΩ; normalised to the detector's largest ΔΩ so that
             # *_photons is the ring's peak photons per pixel at the detector's centre.
-            weight = pol * maps["solid_angle_sr"] / maps["solid_angle_sr"].max()
+            weight = maps["polarization_factor"] * maps["solid_angle_sr"] / maps["solid_angle_sr"].max()
             if model.variant == "flat":
                 background = np.full((ny, nx), model.flat_photons)
             else:

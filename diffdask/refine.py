@@ -1,0 +1,372 @@
+"""Detector geometry refined per frame from diffuse background rings.
+
+A network gives a beam centre and a detector tilt to a pixel and a degree; the rings of
+amorphous scatterers (water, a polymer jet or tape, the air path) carry the geometry to a
+fraction of that. `refine_geometry` fits, frame by frame, the model
+
+    μ(pixel) = P ΔΩ / max(ΔΩ) · Σₖ aₖ exp(−(q − qₖ)² / 2σₖ²) + c
+
+to the photon counts, where q, the polarisation factor P and the solid angle ΔΩ of every
+pixel follow from the beam centre, the pitch and yaw of the detector and its distance (the
+five refined parameters, see `Geometry.tilted_maps`), and the ring amplitudes aₖ and the flat
+level c are solved linearly at each step (variable projection). The ring positions qₖ and
+widths σₖ are given, as a calibrant's d-spacings are: they fix the distance, which a ring of
+unknown position cannot tell from a tilt.
+
+The fit minimises Pearson's χ² with weights 1/μ taken from the previous round (iteratively
+reweighted, so the weights follow the Poisson variance and not the noisy counts); pixels of
+Bragg spots, zingers and streaks, more than ``reject_sigma`` standard deviations above the
+model, are left out (with their neighbours) before the next round. Standard errors come from
+the curvature of χ² at the minimum, so each frame says how well its rings pin its geometry.
+A frame whose rings are too weak (no ring amplitude ``min_ring_snr`` times its error) keeps
+its starting values and is flagged ``refined = False``: a flat background carries no ring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from scipy import ndimage, optimize
+
+import diffdask
+from diffdask.blocks import map_frames
+from diffdask.errors import GeometryError, ParameterError, SchemaError
+from diffdask.frames import FRAME_DIMS, get_geometry, get_mask, validate
+from diffdask.geometry import Geometry
+
+#: Per-frame geometry values refined, in the order of the fit's parameter vector.
+GEOMETRY_FIELDS = ("beam_center_y", "beam_center_x", "pitch_deg", "yaw_deg", "distance_m")
+#: The fit ends when a step changes χ² or the parameters by less than this fraction.
+TOLERANCE = 1e-10
+#: Floor of the model counts used as Poisson variance (photons), so that empty pixels keep a weight.
+VARIANCE_FLOOR = 0.5
+#: Percentile and window (pixels) of the spot-suppressing filter of the first round.
+PREFILTER_PERCENTILE = 25
+PREFILTER_SIZE = 7
+#: Side of the pixel tiles whose summed residuals reveal correlated misfit.
+TILE = 4
+
+
+def _disc(radius: float) -> np.ndarray:
+    r = int(math.floor(radius))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return yy * yy + xx * xx <= radius * radius
+
+
+def _design(x: np.ndarray, geometry: Geometry, rings: np.ndarray, polarization: str, good: np.ndarray) -> np.ndarray:
+    # Columns: one ring profile per ring (times P ΔΩ) and the flat level, at the good pixels.
+    g = Geometry(geometry.shape, geometry.pixel_size_m, x[4], geometry.wavelength_m, (x[0], x[1]))
+    maps = g.tilted_maps(x[2], x[3], polarization)
+    q = 2.0 * math.pi * np.sqrt((maps["scattering_vectors_inv_nm"] ** 2).sum(axis=0))[good]
+    omega = maps["solid_angle_sr"]
+    weight = (maps["polarization_factor"] * omega / omega.max())[good]
+    columns = [weight * np.exp(-0.5 * ((q - q0) / width) ** 2) for q0, width in rings]
+    columns.append(np.ones_like(q))
+    return np.stack(columns, axis=1)
+
+
+def _tile_chi2(residual: np.ndarray, variance: np.ndarray, use: np.ndarray) -> float:
+    # Reduced χ² of the residuals summed over TILE×TILE pixel tiles (the good pixels of each).
+    ny, nx = use.shape
+    sums = np.zeros((2, ny, nx))
+    sums[0][use], sums[1][use] = residual, variance
+    ty, tx = ny // TILE, nx // TILE
+    tiles = sums[:, : ty * TILE, : tx * TILE].reshape(2, ty, TILE, tx, TILE).sum(axis=(2, 4))
+    filled = tiles[1] > 0
+    return float(np.mean(tiles[0][filled] ** 2 / tiles[1][filled])) if filled.any() else 1.0
+
+
+def _project(design: np.ndarray, counts: np.ndarray, sqrt_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Weighted linear least squares for the amplitudes; returns them and the weighted residual.
+    a = design * sqrt_w[:, None]
+    b = counts * sqrt_w
+    amplitudes = np.linalg.lstsq(a, b, rcond=None)[0]
+    return amplitudes, b - a @ amplitudes
+
+
+def refine_frame(
+    image: np.ndarray,
+    mask: np.ndarray,
+    geometry: Geometry,
+    start: Sequence[float],
+    rings: np.ndarray,
+    *,
+    polarization: str = "x",
+    fit_distance: bool = True,
+    exclude_radius_px: float = 0.0,
+    reject_sigma: float = 3.0,
+    spot_radius_px: float = 2.0,
+    rounds: int = 3,
+    min_ring_snr: float = 10.0,
+) -> dict[str, Any]:
+    """Refine the geometry of one frame from its background rings.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        Photon counts.
+    mask : ndarray of bool, shape (ny, nx)
+        True for good pixels.
+    geometry : Geometry
+        Detector shape, pixel size and wavelength (its centre and distance are not used).
+    start : sequence of 5 floats
+        Starting beam centre row and column (pixels), pitch and yaw (radians), distance (m).
+    rings : ndarray, shape (k, 2)
+        Centre and Gaussian width σ of each ring, q in nm⁻¹.
+    polarization : {"x", "y", "none"}
+        Beam polarisation.
+    fit_distance : bool
+        Refine the distance too (else it stays at ``start[4]``).
+    exclude_radius_px : float
+        Leave out pixels within this radius of the starting beam centre (a beamstop shadow).
+    reject_sigma : float
+        Pixels this many standard deviations above the model (spots) are left out of the
+        next round, with their neighbours within ``spot_radius_px``.
+    spot_radius_px : float
+        Radius of the neighbourhood rejected with each such pixel (spot tails), pixels.
+    rounds : int
+        Reweighting rounds (≥ 1).
+    min_ring_snr : float
+        Refined only if some ring amplitude is at least this many standard errors.
+
+    Returns
+    -------
+    dict
+        ``parameters`` (5,) and ``errors`` (5,) in the units of ``start`` (errors NaN and
+        parameters = ``start`` when not refined; a fixed distance has error 0),
+        ``chi2_reduced``, ``ring_snr`` (largest amplitude / its error) and ``refined``.
+    """
+    x = np.asarray(start, dtype=float).copy()
+    ny, nx = geometry.shape
+    yy, xx = np.indices((ny, nx))
+    good = mask & np.isfinite(image)
+    if exclude_radius_px > 0:
+        good &= (yy - x[0]) ** 2 + (xx - x[1]) ** 2 > exclude_radius_px**2
+    counts_all = np.where(np.isfinite(image), image, 0.0).astype(np.float64)
+    free = np.array([True, True, True, True, bool(fit_distance)])
+    lower = np.array([-0.5, -0.5, -math.radians(45), -math.radians(45), 0.5 * x[4]])
+    upper = np.array([ny - 0.5, nx - 0.5, math.radians(45), math.radians(45), 2.0 * x[4]])
+    x = np.clip(x, lower, upper)
+    fail = {"parameters": np.asarray(start, dtype=float), "errors": np.full(5, np.nan), "chi2_reduced": np.nan,
+            "ring_snr": 0.0, "refined": False}
+    use = good.copy()
+    # Round 0 fits a low local percentile of the counts, which Bragg spots barely touch, to
+    # place the rings; later rounds fit the counts themselves with the spots left out.
+    floor_image = ndimage.percentile_filter(np.where(mask, counts_all, 0.0), PREFILTER_PERCENTILE,
+                                            size=PREFILTER_SIZE, mode="nearest")
+    sqrt_w = np.ones(int(use.sum()))
+    n_rounds = max(int(rounds), 1)
+    for round_ in range(n_rounds):
+        counts = (floor_image if round_ == 0 else counts_all)[use]
+        if counts.size <= len(rings) + 6:
+            return fail
+
+        def residual(p: np.ndarray, counts: np.ndarray = counts, use: np.ndarray = use,
+                     sqrt_w: np.ndarray = sqrt_w) -> np.ndarray:
+            full = x.copy()
+            full[free] = p
+            return _project(_design(full, geometry, rings, polarization, use), counts, sqrt_w)[1]
+
+        try:
+            result = optimize.least_squares(residual, x[free], bounds=(lower[free], upper[free]), x_scale="jac",
+                                            ftol=TOLERANCE, xtol=TOLERANCE, gtol=TOLERANCE, method="trf")
+        except GeometryError:
+            return fail
+        x[free] = result.x
+        if round_ == n_rounds - 1:
+            break
+        # Reweight with the model and drop the pixels far above it before the next round.
+        design = _design(x, geometry, rings, polarization, good)
+        amplitudes = _project(design, counts_all[good], np.ones(int(good.sum())))[0]
+        model = np.zeros((ny, nx))
+        model[good] = np.maximum(design @ amplitudes, VARIANCE_FLOOR)
+        excess = np.where(good, counts_all - model, 0.0)
+        # A pixel is a spot's if it, or the 3×3 sum around it (which sees the faint tails of
+        # a spot none of whose pixels alone stands out), lies reject_sigma above the model.
+        box_excess = ndimage.uniform_filter(excess, 3, mode="constant")
+        box_model = ndimage.uniform_filter(np.where(good, model, 0.0), 3, mode="constant")
+        spots = (excess > reject_sigma * np.sqrt(np.maximum(model, VARIANCE_FLOOR))) | (
+            box_excess > reject_sigma * np.sqrt(np.maximum(box_model, VARIANCE_FLOOR / 9) / 9))
+        use = good & ~ndimage.binary_dilation(spots & good, structure=_disc(spot_radius_px))
+        sqrt_w = 1.0 / np.sqrt(model[use])
+    # χ² and errors of the last round's fit, on its pixels and weights.
+    design = _design(x, geometry, rings, polarization, use)
+    amplitudes, res = _project(design, counts, sqrt_w)
+    dof = max(counts.size - int(free.sum()) - design.shape[1], 1)
+    chi2 = float(res @ res) / dof
+    weighted = design * sqrt_w[:, None]
+    # Poisson weights make the covariance absolute. Misfit inflates it: a χ² above 1, or
+    # residuals that agree over a few pixels (faint spots below the rejection threshold) —
+    # seen as a χ² above 1 of the residuals summed in tiles. A χ² below 1 (near-empty pixels
+    # at the variance floor) does not shrink it.
+    inflate = max(chi2, _tile_chi2(counts - design @ amplitudes, 1.0 / sqrt_w**2, use), 1.0)
+    try:
+        amp_cov = np.linalg.inv(weighted.T @ weighted) * inflate
+        cov = np.linalg.inv(result.jac.T @ result.jac) * inflate
+    except np.linalg.LinAlgError:
+        return fail
+    amp_err = np.sqrt(np.maximum(np.diag(amp_cov)[: len(rings)], 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = float(np.nanmax(np.where(amp_err > 0, amplitudes[: len(rings)] / amp_err, 0.0)))
+    errors = np.zeros(5)
+    errors[free] = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    if not (result.success and snr >= min_ring_snr and np.all(np.isfinite(errors))):
+        return {**fail, "chi2_reduced": chi2, "ring_snr": snr}
+    return {"parameters": x, "errors": errors, "chi2_reduced": chi2, "ring_snr": snr, "refined": True}
+
+
+def refine_kernel(block: np.ndarray, *, start: np.ndarray, mask: np.ndarray, geometry: Geometry, rings: np.ndarray,
+                  options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """`refine_frame` over a block of frames (a `map_frames` kernel).
+
+    ``start`` holds the block's starting values (n, 5) in user units (pixels, degrees,
+    metres); the outputs are in the same units.
+    """
+    frames = np.asarray(block)
+    n = frames.shape[0]
+    out = {"parameters": np.empty((n, 5)), "errors": np.empty((n, 5)), "chi2_reduced": np.empty(n),
+           "ring_snr": np.empty(n), "refined": np.empty(n, dtype=bool)}
+    to_fit = np.array([1.0, 1.0, math.pi / 180, math.pi / 180, 1.0])
+    for i in range(n):
+        fit = refine_frame(frames[i], mask, geometry, np.asarray(start[i], dtype=float) * to_fit, rings, **options)
+        out["parameters"][i] = fit["parameters"] / to_fit
+        out["errors"][i] = fit["errors"] / to_fit
+        for key in ("chi2_reduced", "ring_snr", "refined"):
+            out[key][i] = fit[key]
+    return out
+
+
+def _starting_values(ds: xr.Dataset, geometry: Geometry, initial: Any) -> da.Array:
+    n = ds.sizes["frame"]
+    if initial is None:
+        nominal = [*geometry.beam_center_yx, 0.0, 0.0, geometry.distance_m]
+        return da.from_array(np.tile(np.asarray(nominal, dtype=float), (n, 1)), chunks=(ds["frames"].chunks[0], 5))
+    if isinstance(initial, xr.DataArray) and "output" in initial.dims:
+        initial = {str(k): initial.sel(output=k) for k in initial["output"].values}
+    if not isinstance(initial, (Mapping, xr.Dataset)):
+        raise ParameterError(
+            "initial must be a Dataset or mapping of per-frame beam_center_y, beam_center_x, pitch_deg, yaw_deg "
+            f"(and optionally distance_m), or a predict(...).predictions array; got {type(initial).__name__}."
+        )
+    missing = [f for f in GEOMETRY_FIELDS[:4] if f not in initial]
+    if missing:
+        raise ParameterError(f"initial lacks {missing}; give per-frame {list(GEOMETRY_FIELDS[:4])} "
+                             "(distance_m is optional and defaults to the nominal distance).")
+    columns = []
+    for name in GEOMETRY_FIELDS:
+        if name == "distance_m" and name not in initial:
+            columns.append(da.full(n, geometry.distance_m, chunks=ds["frames"].chunks[0]))
+            continue
+        value = initial[name]
+        value = value.data if isinstance(value, xr.DataArray) else value
+        arr = value if isinstance(value, da.Array) else da.asarray(np.asarray(value, dtype=float))
+        if arr.shape != (n,):
+            raise ParameterError(f"initial {name!r} has shape {arr.shape}; it needs one value per frame, ({n},).")
+        columns.append(arr.astype(float))
+    return da.stack(columns, axis=1)
+
+
+def refine_geometry(
+    ds: xr.Dataset,
+    rings: Sequence[tuple[float, float]],
+    initial: Any = None,
+    *,
+    polarization: str = "x",
+    fit_distance: bool = True,
+    exclude_radius_px: float = 0.0,
+    reject_sigma: float = 3.0,
+    spot_radius_px: float = 2.0,
+    rounds: int = 3,
+    min_ring_snr: float = 10.0,
+) -> xr.Dataset:
+    """Beam centre, detector tilt and distance of every frame, refined from its background rings.
+
+    Each frame is fitted on its own (see the module docstring for the model), starting from
+    ``initial`` — typically a network's prediction (`diffdask.ml.predict` with a
+    `GeometryRegressor`), which lands within the fit's basin (about a pixel, a degree, 10 %).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Frame stack with geometry attrs (pixel size, wavelength, nominal distance and centre).
+    rings : sequence of (float, float)
+        Centre q₀ and Gaussian width σ of each background ring, nm⁻¹ (q = 4π sinθ/λ);
+        e.g. liquid water ≈ (19.6, 2.2).
+    initial : Dataset, mapping or DataArray, optional
+        Per-frame starting ``beam_center_y``, ``beam_center_x`` (pixels), ``pitch_deg``,
+        ``yaw_deg`` (degrees) and optionally ``distance_m``; a `predict` result's
+        ``predictions`` array (an ``output`` dimension naming them) works as is. Default:
+        the nominal geometry, untilted.
+    polarization : {"x", "y", "none"}
+        Beam polarisation.
+    fit_distance : bool
+        Refine the distance (True), or keep the starting one.
+    exclude_radius_px : float
+        Leave out pixels within this radius of each frame's starting centre (beamstop).
+    reject_sigma : float
+        Pixels this many standard deviations above the model (Bragg spots) are rejected.
+    spot_radius_px : float
+        Rejected pixels take their neighbours within this radius with them (spot tails).
+    rounds : int
+        Reweighting and rejection rounds.
+    min_ring_snr : float
+        A frame is refined only if a ring's amplitude is this many standard errors.
+
+    Returns
+    -------
+    xarray.Dataset
+        Lazy, on ``frame``: the five `GEOMETRY_FIELDS`, each with an ``*_error`` (one standard
+        error from the χ² curvature; NaN if not refined, 0 for a fixed distance),
+        ``chi2_reduced``, ``ring_snr`` and ``refined`` (False: the frame keeps its starting
+        values). attrs record the parameters.
+
+    Raises
+    ------
+    SchemaError
+        Not a frame stack, or no geometry attrs.
+    ParameterError
+        Bad rings, options or starting values.
+    """
+    ds = validate(ds)
+    geometry = get_geometry(ds)
+    if geometry is None:
+        raise SchemaError("refine_geometry needs the detector geometry in the dataset attrs "
+                          "(wavelength_m, distance_m, pixel_size_m, beam_center_yx).")
+    ring_array = np.asarray(rings, dtype=float)
+    if ring_array.ndim != 2 or ring_array.shape[1] != 2 or len(ring_array) == 0:
+        raise ParameterError(f"rings must be a non-empty list of (q centre, q width) pairs in nm⁻¹, got {rings!r}.")
+    if not np.all(np.isfinite(ring_array)) or np.any(ring_array <= 0):
+        raise ParameterError(f"ring centres and widths must be positive and finite (nm⁻¹), got {rings!r}.")
+    if polarization not in ("x", "y", "none"):
+        raise ParameterError(f"polarization must be 'x', 'y' or 'none', got {polarization!r}.")
+    for name, value in (("exclude_radius_px", exclude_radius_px), ("reject_sigma", reject_sigma),
+                        ("spot_radius_px", spot_radius_px), ("min_ring_snr", min_ring_snr)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ParameterError(f"{name} must be a finite number ≥ 0, got {value!r}.")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ParameterError(f"rounds must be an integer ≥ 1, got {rounds!r}.")
+    start = _starting_values(ds, geometry, initial)
+    options = {"polarization": polarization, "fit_distance": bool(fit_distance),
+               "exclude_radius_px": float(exclude_radius_px), "reject_sigma": float(reject_sigma),
+               "spot_radius_px": float(spot_radius_px), "rounds": rounds, "min_ring_snr": float(min_ring_snr)}
+    out = map_frames(
+        refine_kernel, ds["frames"].data,
+        {"parameters": ((5,), np.float64), "errors": ((5,), np.float64), "chi2_reduced": ((), np.float64),
+         "ring_snr": ((), np.float64), "refined": ((), bool)},
+        kwargs={"mask": np.asarray(get_mask(ds)), "geometry": geometry, "rings": ring_array, "options": options},
+        name="refine-geometry", per_frame={"start": start},
+    )
+    data: dict[str, Any] = {}
+    for j, field in enumerate(GEOMETRY_FIELDS):
+        data[field] = ((FRAME_DIMS[0],), out["parameters"][:, j])
+        data[f"{field}_error"] = ((FRAME_DIMS[0],), out["errors"][:, j])
+    for key in ("chi2_reduced", "ring_snr", "refined"):
+        data[key] = ((FRAME_DIMS[0],), out[key])
+    attrs = {"refinement": {"rings_q_inv_nm": ring_array.tolist(), **options,
+                            "diffdask_version": diffdask.__version__}}
+    return xr.Dataset(data, coords={"frame": ds["frame"]} if "frame" in ds.coords else None, attrs=attrs)

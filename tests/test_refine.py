@@ -1,0 +1,114 @@
+"""Ring refinement of the detector geometry against simulated frames of known geometry."""
+
+from __future__ import annotations
+
+import math
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+
+import diffdask as dd
+from diffdask import ParameterError, SchemaError
+from diffdask.refine import GEOMETRY_FIELDS
+from diffdask.simulate.bragg import PLASTIC_RING, WATER_RING
+
+#: The simulator's rings as (q centre, q σ) in nm⁻¹; q = 2π/d.
+RINGS = [(2 * math.pi * WATER_RING[0], 2 * math.pi * WATER_RING[1]),
+         (2 * math.pi * PLASTIC_RING[0], 2 * math.pi * PLASTIC_RING[1])]
+GEOMETRY = dd.Geometry((96, 96), 500e-6, 0.06, 1e-10)
+#: Few reflections, as on a real detector (the default crystal lights up most pixels of 96×96).
+SPARSE = {"mosaicity_deg": 0.02, "domain_size_nm": 1000.0}
+
+
+def _truth(ds):
+    return np.stack([ds[f].values for f in GEOMETRY_FIELDS], axis=1)
+
+
+def test_noise_free_rings_give_the_true_geometry_from_a_distant_start():
+    ds = dd.simulate_bragg(3, GEOMETRY, spot_photons=1e-9, noise=False, hot_pixel_fraction=0,
+                           dead_pixel_fraction=0, beamstop_radius_px=0, seed=3).persist()
+    truth = _truth(ds)
+    start = truth + np.array([1.5, -1.0, 1.5, -2.0, 0.08 * GEOMETRY.distance_m])
+    fit = dd.refine_geometry(ds, RINGS, initial=dict(zip(GEOMETRY_FIELDS, start.T))).compute()
+    got = _truth(fit)
+    assert fit["refined"].all()
+    assert np.abs(got[:, :2] - truth[:, :2]).max() < 1e-3  # pixels
+    assert np.abs(got[:, 2:4] - truth[:, 2:4]).max() < 1e-3  # degrees
+    assert np.abs(got[:, 4] / truth[:, 4] - 1).max() < 1e-5
+
+
+def test_noisy_frames_with_spots_scatter_as_the_reported_errors():
+    ds = dd.simulate_bragg(16, GEOMETRY, beamstop_radius_px=5, seed=8, **SPARSE).persist()
+    fit = dd.refine_geometry(ds, RINGS, exclude_radius_px=7).compute()  # start: nominal, untilted
+    assert fit["refined"].all()
+    truth, got = _truth(ds)[:, :4], _truth(fit)[:, :4]
+    sigma = np.stack([fit[f"{f}_error"].values for f in GEOMETRY_FIELDS[:4]], axis=1)
+    pulls = (got - truth) / sigma
+    # Honest errors: the misses are as large as the fit says, no larger, no smaller.
+    assert 0.5 < np.sqrt(np.mean(pulls**2)) < 2.0
+    assert np.abs(pulls).max() < 5.0
+    # From ±10 px and ±3° away the fit lands within its errors (≈ 0.1 px, ≈ 0.4°).
+    assert np.abs(got[:, 2:4] - truth[:, 2:4]).mean() < 0.8
+    assert np.hypot(*(got[:, :2] - truth[:, :2]).T).mean() < 0.4
+
+
+def test_frames_without_rings_keep_their_start_and_say_so():
+    ds = dd.simulate_bragg(2, GEOMETRY, variant="flat", seed=2, **SPARSE)
+    start = {"beam_center_y": [40.0, 50.0], "beam_center_x": [45.0, 47.5], "pitch_deg": [1.0, -2.0],
+             "yaw_deg": [0.5, 0.0]}
+    fit = dd.refine_geometry(ds, RINGS, initial=start).compute()
+    assert not fit["refined"].any()
+    for name, values in start.items():
+        assert np.array_equal(fit[name].values, values)
+        assert np.isnan(fit[f"{name}_error"].values).all()
+    assert np.allclose(fit["distance_m"].values, GEOMETRY.distance_m)
+
+
+def test_refinement_does_not_depend_on_chunking():
+    ds = dd.simulate_bragg(4, GEOMETRY, seed=4, **SPARSE).persist()
+    one = dd.refine_geometry(ds.chunk({"frame": 1}), RINGS, rounds=2).compute()
+    four = dd.refine_geometry(ds.chunk({"frame": 4}), RINGS, rounds=2).compute()
+    for name in (*GEOMETRY_FIELDS, "pitch_deg_error", "chi2_reduced"):
+        assert np.array_equal(one[name].values, four[name].values)
+
+
+def test_network_predictions_start_the_fit_and_a_cluster_gives_the_same_bytes(client):
+    ds = dd.simulate_bragg(4, GEOMETRY, beamstop_radius_px=5, seed=6, **SPARSE)
+    truth = _truth(ds.compute())
+    noisy = truth[:, :4] + np.array([0.7, -0.6, 1.0, -1.2])
+    # A `predict` result's array: outputs named on an "output" dimension.
+    predictions = xr.DataArray(noisy, dims=("frame", "output"), coords={"output": list(GEOMETRY_FIELDS[:4])})
+    fit = dd.refine_geometry(ds, RINGS, initial=predictions, exclude_radius_px=7).compute()
+    with dask.config.set(scheduler="synchronous"):
+        local = dd.refine_geometry(ds, RINGS, initial=predictions, exclude_radius_px=7).compute()
+    assert fit["refined"].all()
+    for name in GEOMETRY_FIELDS:
+        assert np.array_equal(fit[name].values, local[name].values)
+    assert np.hypot(*(_truth(fit)[:, :2] - truth[:, :2]).T).mean() < 0.5 * np.hypot(0.7, 0.6)
+
+
+def test_bad_input_is_refused_with_a_clear_error():
+    ds = dd.simulate_bragg(2, GEOMETRY, seed=1)
+    with pytest.raises(ParameterError, match="non-empty list"):
+        dd.refine_geometry(ds, [])
+    with pytest.raises(ParameterError, match="positive and finite"):
+        dd.refine_geometry(ds, [(19.6, -2.2)])
+    with pytest.raises(ParameterError, match="pairs"):
+        dd.refine_geometry(ds, [(19.6, 2.2, 1.0)])
+    with pytest.raises(ParameterError, match="lacks \\['pitch_deg'"):
+        dd.refine_geometry(ds, RINGS, initial={"beam_center_y": [1, 2], "beam_center_x": [1, 2], "yaw_deg": [0, 0]})
+    with pytest.raises(ParameterError, match="one value per frame"):
+        dd.refine_geometry(ds, RINGS, initial={k: [0.0, 0.0, 0.0] for k in GEOMETRY_FIELDS[:4]})
+    with pytest.raises(ParameterError, match="polarization"):
+        dd.refine_geometry(ds, RINGS, polarization="z")
+    with pytest.raises(ParameterError, match="rounds"):
+        dd.refine_geometry(ds, RINGS, rounds=0)
+    with pytest.raises(ParameterError, match="reject_sigma"):
+        dd.refine_geometry(ds, RINGS, reject_sigma=-1.0)
+    with pytest.raises(ParameterError, match="initial must be"):
+        dd.refine_geometry(ds, RINGS, initial=[1, 2, 3])
+    bare = dd.make_frame_stack(np.ones((2, 8, 8), dtype=np.float32))
+    with pytest.raises(SchemaError, match="geometry"):
+        dd.refine_geometry(bare, RINGS)
