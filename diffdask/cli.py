@@ -536,6 +536,58 @@ def predict_command(store: str, model_dir: str, mirror: bool, group: str, overwr
                   highlight=False)
 
 
+def _ring(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        q0, width = (float(v) for v in parts)
+    except ValueError:
+        raise click.BadParameter(f"a ring is Q,SIGMA in nm⁻¹ (e.g. 19.6,2.2 for water), got {text!r}.") from None
+    return q0, width
+
+
+@main.command(name="refine")
+@click.argument("store")
+@click.option("--ring", "rings", multiple=True, required=True, metavar="Q,SIGMA",
+              help="A background ring: centre and Gaussian width in q, nm⁻¹ (repeat for each ring).")
+@click.option("--start", "start_group", default=None,
+              help="Result group with per-frame starting values (a `predict` group of a geometry regressor); "
+                   "default: the nominal geometry.")
+@click.option("--exclude-radius", type=float, default=0.0, show_default=True,
+              help="Leave out pixels within this radius (pixels) of each starting centre (beamstop).")
+@click.option("--polarization", type=click.Choice(["x", "y", "none"]), default="x", show_default=True)
+@click.option("--fixed-distance", is_flag=True, help="Keep each frame's starting distance.")
+@click.option("--group", default="refine", show_default=True, help="Result group: results/GROUP.")
+@click.option("--overwrite", is_flag=True)
+@scheduler_option
+@workers_option
+@_fail_clearly
+def refine_command(store: str, rings: tuple[str, ...], start_group: str | None, exclude_radius: float,
+                   polarization: str, fixed_distance: bool, group: str, overwrite: bool, scheduler: str | None,
+                   workers: int | None) -> None:
+    """Refine each frame's beam centre, tilt and distance of STORE from its background rings."""
+    import numpy as np
+
+    from diffdask.io import open_frames, open_results, save_results
+    from diffdask.refine import refine_geometry
+
+    initial = None
+    if start_group:
+        found = open_results(store, start_group)
+        initial = found.get("predictions", found)
+    out = refine_geometry(open_frames(store), [_ring(r) for r in rings], initial, polarization=polarization,
+                          fit_distance=not fixed_distance, exclude_radius_px=exclude_radius)
+    with _client(scheduler, workers) as client:
+        run_with_progress(client, save_results(out, store, group, overwrite=overwrite, compute=False))
+    result = open_results(store, group)
+    refined = result["refined"].values
+    line = f"wrote results/{group}: {int(refined.sum())} of {refined.size} frames refined"
+    if refined.any():
+        tilt = np.median(result[["pitch_deg_error", "yaw_deg_error"]].to_array().values[:, refined])
+        centre = np.median(result[["beam_center_y_error", "beam_center_x_error"]].to_array().values[:, refined])
+        line += f", median standard error {centre:.3g} px (centre), {tilt:.3g}° (tilt)"
+    console.print(line, highlight=False)
+
+
 @main.command(name="run")
 @click.argument("pipeline_file", metavar="PIPELINE.yaml")
 @scheduler_option

@@ -53,7 +53,7 @@ TILE = 4
 
 
 def _disc(radius: float) -> np.ndarray:
-    r = int(math.floor(radius))
+    r = math.floor(radius)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return yy * yy + xx * xx <= radius * radius
 

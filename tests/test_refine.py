@@ -112,3 +112,28 @@ def test_bad_input_is_refused_with_a_clear_error():
     bare = dd.make_frame_stack(np.ones((2, 8, 8), dtype=np.float32))
     with pytest.raises(SchemaError, match="geometry"):
         dd.refine_geometry(bare, RINGS)
+
+
+def test_refine_command_starts_from_saved_predictions(cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from diffdask.cli import main
+    from diffdask.io import open_results, save_frames, save_results
+
+    ds = dd.simulate_bragg(4, GEOMETRY, beamstop_radius_px=5, seed=12, **SPARSE)
+    save_frames(ds, tmp_path / "bragg.zarr")
+    truth = _truth(ds.compute())
+    start = truth[:, :4] + np.array([0.6, 0.5, -1.0, 1.0])
+    predictions = xr.DataArray(start, dims=("frame", "output"), coords={"output": list(GEOMETRY_FIELDS[:4])})
+    save_results(xr.Dataset({"predictions": predictions}), tmp_path / "bragg.zarr", "predict")
+    rings = [f"{q},{w}" for q, w in RINGS]
+    runner = CliRunner()
+    result = runner.invoke(main, ["refine", str(tmp_path / "bragg.zarr"), "--ring", rings[0], "--ring", rings[1],
+                                  "--start", "predict", "--exclude-radius", "7",
+                                  "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 0, result.output
+    assert "4 of 4 frames refined" in result.output
+    saved = open_results(tmp_path / "bragg.zarr", "refine")
+    assert np.hypot(*(_truth(saved)[:, :2] - truth[:, :2]).T).mean() < 0.5 * np.hypot(0.6, 0.5)
+    result = runner.invoke(main, ["refine", str(tmp_path / "bragg.zarr"), "--ring", "19.6"])
+    assert result.exit_code == 2 and "Q,SIGMA" in result.output
