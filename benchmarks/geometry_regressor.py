@@ -21,6 +21,8 @@ Each is scored on held-out standard and flat test sets: mean absolute error of t
 calibrant's are): rows "→ ring refinement" score its result (frames without rings keep the
 network's values), with the share of frames refined and the median standard error the fit
 reports — the information the rings hold, a Cramér–Rao bound for any estimator that reads them.
+Rows "nominal start → ring refinement" fit without any network, from the nominal untilted
+geometry, on the standard test set and on one whose rings are ``--bright`` times brighter.
 Data sets are written once under ``--workdir``; ``--reuse`` takes trained models found there.
 
 Run: ``python benchmarks/geometry_regressor.py --workdir /tmp/geometry`` (``--help`` for sizes).
@@ -81,20 +83,26 @@ def scores(predicted: np.ndarray, ds: xr.Dataset) -> dict[str, float]:
             "yaw_deg": float(err[:, 3].mean())}
 
 
+def refinement(ds: xr.Dataset, initial: xr.DataArray | None) -> tuple[dict[str, float], str]:
+    """Scores after ring refinement from ``initial`` (None: the nominal geometry), and a summary."""
+    t0 = time.perf_counter()
+    fit = dd.refine_geometry(ds, RINGS, initial=initial, exclude_radius_px=BEAMSTOP_PX + 2).compute()
+    seconds = time.perf_counter() - t0
+    refined = fit["refined"].values
+    sigma = fit[["pitch_deg_error", "yaw_deg_error"]].to_array().values[:, refined]
+    bound = f", median σ tilt {np.median(sigma):.3f}°" if sigma.size else ""
+    summary = f"{refined.mean():.0%} refined{bound}, {len(refined) / seconds:.1f} frames/s"
+    return scores(np.stack([fit[t].values for t in TARGETS], axis=1), ds), summary
+
+
 def evaluate(model: str, ds: xr.Dataset, refine: bool) -> tuple[dict[str, float], dict[str, float] | None, str]:
     """Network scores, then (if ``refine``) scores after ring refinement and its summary."""
     with dd.connect(n_workers=2, threads_per_worker=1):
         predictions = predict(ds, model).predictions.compute()
         if not refine:
             return scores(predictions.values, ds), None, ""
-        t0 = time.perf_counter()
-        fit = dd.refine_geometry(ds, RINGS, initial=predictions, exclude_radius_px=BEAMSTOP_PX + 2).compute()
-        seconds = time.perf_counter() - t0
-    refined = fit["refined"].values
-    sigma = fit[["pitch_deg_error", "yaw_deg_error"]].to_array().values[:, refined]
-    bound = f", median σ tilt {np.median(sigma):.3f}°" if sigma.size else ""
-    summary = f"{refined.mean():.0%} refined{bound}, {len(refined) / seconds:.1f} frames/s"
-    return scores(predictions.values, ds), scores(np.stack([fit[t].values for t in TARGETS], axis=1), ds), summary
+        refined, summary = refinement(ds, predictions)
+    return scores(predictions.values, ds), refined, summary
 
 
 def row(name: str, variant: str, m: dict[str, float], extra: str) -> str:
@@ -115,6 +123,9 @@ def main() -> None:
     parser.add_argument("--mosaicity-deg", type=float, default=0.02)
     parser.add_argument("--domain-size-nm", type=float, default=1000.0)
     parser.add_argument("--reuse", action="store_true", help="Take models already trained in the workdir.")
+    parser.add_argument("--bright", type=float, default=10.0,
+                        help="Also refine, from the nominal geometry, a test set with rings this many times brighter "
+                             "(0: skip the rows that start from the nominal geometry).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -140,7 +151,7 @@ def main() -> None:
     to_refine = set(args.refine.split(",")) if args.refine else set()
     print("| configuration | test set | centre MAE px (y / x) | pitch MAE ° | yaw MAE ° | train s / notes |")
     print("|---|---|---|---|---|---|")
-    for name in args.configs.split(","):
+    for name in filter(None, args.configs.split(",")):
         ds, coordinates = configs[name]
         folder = work / name.replace(" + ", "_").replace(" ", "_")
         t0 = time.perf_counter()
@@ -159,6 +170,18 @@ def main() -> None:
             print(row(name, variant, net, trained), flush=True)
             if refined is not None:
                 print(row(f"{name} → ring refinement", variant, refined, summary), flush=True)
+
+    if args.bright:
+        # Without a network: how far the rings alone carry from the nominal geometry, at the
+        # test set's photon level and with brighter rings (a thicker jet, a longer exposure).
+        bright = {**crystal, "water_photons": 20.0 * args.bright, "plastic_photons": 5.0 * args.bright}
+        sets = {"standard": tests["standard"],
+                f"standard, rings ×{args.bright:g}": stored_set(work / f"test_bright{args.bright:g}.zarr",
+                                                             args.test_frames, "standard", 23, bright)}
+        with dd.connect(n_workers=2, threads_per_worker=1):
+            for variant, test in sets.items():
+                refined, summary = refinement(test, None)
+                print(row("nominal start → ring refinement", variant, refined, summary), flush=True)
 
 
 if __name__ == "__main__":
