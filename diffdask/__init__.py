@@ -51,7 +51,7 @@ from diffdask.reduce import (
     size_filter,
     summarize,
 )
-from diffdask.refine import refine_geometry
+from diffdask.refine import refine_geometry, refine_run_geometry
 from diffdask.roi import differential_phase, find_roi, grow_roi, scan_grid, scan_maps
 from diffdask.simulate import (
     Particle,
@@ -120,6 +120,7 @@ __all__ = [
     "read_emc_output",
     "reduce_frames",
     "refine_geometry",
+    "refine_run_geometry",
     "rotation_invariant_features",
     "save_frames",
     "save_results",

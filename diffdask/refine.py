@@ -37,6 +37,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -44,7 +45,7 @@ from scipy import ndimage, optimize
 
 import diffdask
 from diffdask.backend import to_cpu
-from diffdask.blocks import map_frames
+from diffdask.blocks import map_frames, reduce_frames
 from diffdask.errors import GeometryError, ParameterError, SchemaError
 from diffdask.frames import FRAME_DIMS, get_geometry, get_mask, validate
 from diffdask.geometry import Geometry
@@ -104,6 +105,33 @@ def _project(design: np.ndarray, counts: np.ndarray, sqrt_w: np.ndarray) -> tupl
     return amplitudes, b - a @ amplitudes
 
 
+def _model_map(design: np.ndarray, counts: np.ndarray, good: np.ndarray, fit: np.ndarray | None = None,
+               sqrt_w: np.ndarray | None = None) -> np.ndarray:
+    # Ring model of a frame at a fixed geometry on its good pixels (design holds their rows),
+    # amplitudes fitted on the `fit` subset of them (all by default, weights sqrt_w), floored
+    # at VARIANCE_FLOOR because it serves as the Poisson variance; 0 off the good pixels.
+    fit = np.ones(design.shape[0], bool) if fit is None else fit
+    weights = np.ones(int(fit.sum())) if sqrt_w is None else sqrt_w
+    amplitudes = _project(design[fit], counts[good][fit], weights)[0]
+    model = np.zeros(good.shape)
+    model[good] = np.maximum(design @ amplitudes, VARIANCE_FLOOR)
+    return model
+
+
+def _spot_free(counts: np.ndarray, model: np.ndarray, good: np.ndarray, reject_sigma: float,
+               spot_radius_px: float) -> np.ndarray:
+    """Good pixels that belong to no Bragg spot, judged against the ring model (photons)."""
+    floor = np.maximum(model, VARIANCE_FLOOR)
+    excess = np.where(good, counts - floor, 0.0)
+    # A pixel is a spot's if it, or the 3×3 sum around it (which sees the faint tails of a
+    # spot none of whose pixels alone stands out), lies reject_sigma above the model.
+    box_excess = ndimage.uniform_filter(excess, 3, mode="constant")
+    box_model = ndimage.uniform_filter(np.where(good, floor, 0.0), 3, mode="constant")
+    spots = (excess > reject_sigma * np.sqrt(floor)) | (
+        box_excess > reject_sigma * np.sqrt(np.maximum(box_model, VARIANCE_FLOOR / 9) / 9))
+    return good & ~ndimage.binary_dilation(spots & good, structure=_disc(spot_radius_px))
+
+
 def refine_frame(
     image: np.ndarray,
     mask: np.ndarray,
@@ -114,7 +142,7 @@ def refine_frame(
     polarization: str = "x",
     fit_distance: bool = True,
     exclude_radius_px: float = 0.0,
-    reject_sigma: float = 3.0,
+    reject_sigma: float = 4.0,
     spot_radius_px: float = 2.0,
     rounds: int = 3,
     min_ring_snr: float = 10.0,
@@ -198,18 +226,8 @@ def refine_frame(
         if round_ == n_rounds - 1:
             break
         # Reweight with the model and drop the pixels far above it before the next round.
-        design = _design(x, geometry, rings, polarization, good)
-        amplitudes = _project(design, counts_all[good], np.ones(int(good.sum())))[0]
-        model = np.zeros((ny, nx))
-        model[good] = np.maximum(design @ amplitudes, VARIANCE_FLOOR)
-        excess = np.where(good, counts_all - model, 0.0)
-        # A pixel is a spot's if it, or the 3×3 sum around it (which sees the faint tails of
-        # a spot none of whose pixels alone stands out), lies reject_sigma above the model.
-        box_excess = ndimage.uniform_filter(excess, 3, mode="constant")
-        box_model = ndimage.uniform_filter(np.where(good, model, 0.0), 3, mode="constant")
-        spots = (excess > reject_sigma * np.sqrt(np.maximum(model, VARIANCE_FLOOR))) | (
-            box_excess > reject_sigma * np.sqrt(np.maximum(box_model, VARIANCE_FLOOR / 9) / 9))
-        use = good & ~ndimage.binary_dilation(spots & good, structure=_disc(spot_radius_px))
+        model = _model_map(_design(x, geometry, rings, polarization, good), counts_all, good)
+        use = _spot_free(counts_all, model, good, reject_sigma, spot_radius_px)
         sqrt_w = 1.0 / np.sqrt(model[use])
     # χ² and errors of the last round's fit, on its pixels and weights.
     design = _design(x, geometry, rings, polarization, use)
@@ -288,6 +306,33 @@ def _starting_values(ds: xr.Dataset, geometry: Geometry, initial: Any) -> da.Arr
     return da.stack(columns, axis=1)
 
 
+def _checked(ds: xr.Dataset, rings: Any, polarization: str, fit_distance: bool, exclude_radius_px: float,
+             reject_sigma: float, spot_radius_px: float, rounds: int,
+             min_ring_snr: float) -> tuple[Geometry, np.ndarray, dict[str, Any]]:
+    # The checks every refinement makes at the door; returns the geometry, rings and options.
+    geometry = get_geometry(ds)
+    if geometry is None:
+        raise SchemaError("geometry refinement needs the detector's nominal geometry in the dataset attrs "
+                          "(wavelength_m, distance_m, pixel_size_m, beam_center_yx).")
+    ring_array = np.asarray(rings, dtype=float)
+    if ring_array.ndim != 2 or ring_array.shape[1] != 2 or len(ring_array) == 0:
+        raise ParameterError(f"rings must be a non-empty list of (q centre, q width) pairs in nm⁻¹, got {rings!r}.")
+    if not np.all(np.isfinite(ring_array)) or np.any(ring_array <= 0):
+        raise ParameterError(f"ring centres and widths must be positive and finite (nm⁻¹), got {rings!r}.")
+    if polarization not in ("x", "y", "none"):
+        raise ParameterError(f"polarization must be 'x', 'y' or 'none', got {polarization!r}.")
+    for name, value in (("exclude_radius_px", exclude_radius_px), ("reject_sigma", reject_sigma),
+                        ("spot_radius_px", spot_radius_px), ("min_ring_snr", min_ring_snr)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ParameterError(f"{name} must be a finite number ≥ 0, got {value!r}.")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ParameterError(f"rounds must be an integer ≥ 1, got {rounds!r}.")
+    options = {"polarization": polarization, "fit_distance": bool(fit_distance),
+               "exclude_radius_px": float(exclude_radius_px), "reject_sigma": float(reject_sigma),
+               "spot_radius_px": float(spot_radius_px), "rounds": rounds, "min_ring_snr": float(min_ring_snr)}
+    return geometry, ring_array, options
+
+
 def refine_geometry(
     ds: xr.Dataset,
     rings: Sequence[tuple[float, float]],
@@ -296,7 +341,7 @@ def refine_geometry(
     polarization: str = "x",
     fit_distance: bool = True,
     exclude_radius_px: float = 0.0,
-    reject_sigma: float = 3.0,
+    reject_sigma: float = 4.0,
     spot_radius_px: float = 2.0,
     rounds: int = 3,
     min_ring_snr: float = 10.0,
@@ -350,27 +395,9 @@ def refine_geometry(
         Bad rings, options or starting values.
     """
     ds = validate(ds)
-    geometry = get_geometry(ds)
-    if geometry is None:
-        raise SchemaError("refine_geometry needs the detector geometry in the dataset attrs "
-                          "(wavelength_m, distance_m, pixel_size_m, beam_center_yx).")
-    ring_array = np.asarray(rings, dtype=float)
-    if ring_array.ndim != 2 or ring_array.shape[1] != 2 or len(ring_array) == 0:
-        raise ParameterError(f"rings must be a non-empty list of (q centre, q width) pairs in nm⁻¹, got {rings!r}.")
-    if not np.all(np.isfinite(ring_array)) or np.any(ring_array <= 0):
-        raise ParameterError(f"ring centres and widths must be positive and finite (nm⁻¹), got {rings!r}.")
-    if polarization not in ("x", "y", "none"):
-        raise ParameterError(f"polarization must be 'x', 'y' or 'none', got {polarization!r}.")
-    for name, value in (("exclude_radius_px", exclude_radius_px), ("reject_sigma", reject_sigma),
-                        ("spot_radius_px", spot_radius_px), ("min_ring_snr", min_ring_snr)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ParameterError(f"{name} must be a finite number ≥ 0, got {value!r}.")
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ParameterError(f"rounds must be an integer ≥ 1, got {rounds!r}.")
+    geometry, ring_array, options = _checked(ds, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
+                                             spot_radius_px, rounds, min_ring_snr)
     start = _starting_values(ds, geometry, initial)
-    options = {"polarization": polarization, "fit_distance": bool(fit_distance),
-               "exclude_radius_px": float(exclude_radius_px), "reject_sigma": float(reject_sigma),
-               "spot_radius_px": float(spot_radius_px), "rounds": rounds, "min_ring_snr": float(min_ring_snr)}
     out = map_frames(
         refine_kernel, ds["frames"].data,
         {"parameters": ((5,), np.float64), "errors": ((5,), np.float64), "chi2_reduced": ((), np.float64),
@@ -387,3 +414,197 @@ def refine_geometry(
     attrs = {"refinement": {"rings_q_inv_nm": ring_array.tolist(), **options,
                             "diffdask_version": diffdask.__version__}}
     return xr.Dataset(data, coords={"frame": ds["frame"]} if "frame" in ds.coords else None, attrs=attrs)
+
+
+#: Finite-difference steps of the shared fit: centre (pixels), pitch, yaw (radians), distance (× distance).
+_RUN_STEPS = np.array([1e-3, 1e-3, 1e-5, 1e-5, 1e-6])
+
+
+def run_normal_equations_kernel(block: Any, *, x: np.ndarray, reference: np.ndarray | None, mask: np.ndarray,
+                                geometry: Geometry, rings: np.ndarray, free: np.ndarray,
+                                options: Mapping[str, Any]) -> dict[str, Any]:
+    """Gauss–Newton sums of a block of frames that share one geometry (a `reduce_frames` kernel).
+
+    With ``reference`` None (the first round) each frame's low local percentile is fitted with
+    unit weights, as the first round of `refine_frame` does. Otherwise the ring amplitudes are
+    solved at ``reference`` (pixels, radians, metres), the Bragg spots rejected against that
+    model and the pixels weighted by it — fixed within a round, so χ² compares across steps.
+    The weighted residuals r at ``x`` and their derivatives J with respect to the free
+    parameters (forward differences, amplitudes re-solved at each step: variable projection)
+    add to JᵀJ, Jᵀr and χ².
+    """
+    frames = to_cpu(block)
+    ny, nx = geometry.shape
+    steps = _RUN_STEPS * np.array([1, 1, 1, 1, x[4]])
+    points = [x] + [x + np.eye(5)[k] * steps[k] for k in np.flatnonzero(free)]
+    # One design per geometry for the whole block, every pixel; frames pick their rows.
+    everywhere = np.ones((ny, nx), bool)
+    designs = [_design(p, geometry, rings, options["polarization"], everywhere) for p in points]
+    anchor = x if reference is None else reference
+    ref_design = designs[0] if reference is None else _design(reference, geometry, rings, options["polarization"],
+                                                               everywhere)
+    yy, xx = np.indices((ny, nx))
+    beamstop = (yy - anchor[0]) ** 2 + (xx - anchor[1]) ** 2 <= options["exclude_radius_px"] ** 2
+    n_free = int(free.sum())
+    out = {"jtj": np.zeros((n_free, n_free)), "jtr": np.zeros(n_free), "chi2": 0.0, "dof": 0.0,
+           "tile_chi2": 0.0, "frames": 0.0}
+    for image in frames:
+        counts = np.where(np.isfinite(image), image, 0.0).astype(np.float64)
+        good = mask & np.isfinite(image) & ~beamstop
+        floor_image = ndimage.percentile_filter(np.where(mask, counts, 0.0), PREFILTER_PERCENTILE,
+                                                size=PREFILTER_SIZE, mode="nearest")
+        if reference is None:
+            use, target, model = good, floor_image, np.where(good, 1.0, 0.0)
+        else:
+            # Amplitudes from the spot-blind percentile, then from the counts off the spots.
+            design = ref_design[good.ravel()]
+            model = _model_map(design, floor_image, good)
+            use = _spot_free(counts, model, good, options["reject_sigma"], options["spot_radius_px"])
+            model = _model_map(design, counts, good, use[good], 1.0 / np.sqrt(model[use]))
+            use = _spot_free(counts, model, good, options["reject_sigma"], options["spot_radius_px"])
+            target = counts
+        if int(use.sum()) <= designs[0].shape[1] + n_free:
+            continue
+        rows = use.ravel()
+        sqrt_w = 1.0 / np.sqrt(model[use])
+        amplitudes, r0 = _project(designs[0][rows], target[use], sqrt_w)
+        jac = np.stack([(_project(d[rows], target[use], sqrt_w)[1] - r0) / steps[k]
+                        for d, k in zip(designs[1:], np.flatnonzero(free))], axis=1)
+        out["jtj"] += jac.T @ jac
+        out["jtr"] += jac.T @ r0
+        out["chi2"] += float(r0 @ r0)
+        out["dof"] += r0.size - designs[0].shape[1]
+        out["tile_chi2"] += _tile_chi2(target[use] - designs[0][rows] @ amplitudes, model[use], use)
+        out["frames"] += 1
+    return out
+
+
+def refine_run_geometry(
+    ds: xr.Dataset,
+    rings: Sequence[tuple[float, float]],
+    initial: Mapping[str, float] | None = None,
+    *,
+    polarization: str = "x",
+    fit_distance: bool = True,
+    exclude_radius_px: float = 0.0,
+    reject_sigma: float = 4.0,
+    spot_radius_px: float = 2.0,
+    rounds: int = 3,
+    max_iterations: int = 30,
+    progress: Any = None,
+) -> xr.Dataset:
+    """One beam centre, tilt and distance for a whole run, from the background rings of all frames.
+
+    The detector of a run does not move between frames: fitting every frame with one shared
+    geometry (each frame keeps its own ring amplitudes and its own rejected spots) pins the
+    geometry √N times better than one frame does — to hundredths of a degree where one frame
+    gives tenths. The model, weights and spot rejection are those of `refine_geometry`; the
+    fit is Levenberg–Marquardt on the summed normal equations.
+
+    Iterative: each iteration is one pass over the frames (a tree reduction of JᵀJ, Jᵀr and
+    χ² over the chunks) and computes a 5×5 system; persist ``ds`` first (``ds.persist()``) if it
+    fits in the cluster's memory, else every iteration reads it again.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Frame stack with geometry attrs.
+    rings : sequence of (float, float)
+        Centre and Gaussian width σ of each background ring, q in nm⁻¹.
+    initial : mapping, optional
+        Starting ``beam_center_y``, ``beam_center_x`` (pixels), ``pitch_deg``, ``yaw_deg``
+        (degrees) and optionally ``distance_m``; default: the nominal geometry, untilted.
+    polarization, fit_distance, exclude_radius_px, reject_sigma, spot_radius_px
+        As in `refine_geometry` (the beamstop is excluded around each round's starting centre).
+    rounds : int
+        Rounds of spot rejection and reweighting (the first fits the spot-blind percentile).
+    max_iterations : int
+        Most Levenberg–Marquardt steps tried per round.
+    progress : callable, optional
+        Called as ``progress(iteration, values)`` after each accepted step, values in user units.
+
+    Returns
+    -------
+    xarray.Dataset
+        Scalars: the five `GEOMETRY_FIELDS` and their ``*_error`` (one standard error from the
+        summed curvature, inflated by χ² > 1 as in `refine_geometry`), ``chi2_reduced``,
+        ``n_frames`` (frames that held enough spot-free pixels) and ``iterations``.
+
+    Raises
+    ------
+    SchemaError, ParameterError
+        As `refine_geometry`; ParameterError also if no frame holds enough usable pixels.
+    """
+    ds = validate(ds)
+    geometry, ring_array, options = _checked(ds, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
+                                             spot_radius_px, rounds, 0.0)
+    options = {k: v for k, v in options.items() if k not in ("rounds", "min_ring_snr")}
+    if not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ParameterError(f"max_iterations must be an integer ≥ 1, got {max_iterations!r}.")
+    start = {"beam_center_y": geometry.beam_center_yx[0], "beam_center_x": geometry.beam_center_yx[1],
+             "pitch_deg": 0.0, "yaw_deg": 0.0, "distance_m": geometry.distance_m, **dict(initial or {})}
+    unknown = sorted(set(start) - set(GEOMETRY_FIELDS))
+    if unknown:
+        raise ParameterError(f"initial has unknown entries {unknown}; use {list(GEOMETRY_FIELDS)}.")
+    to_fit = np.array([1.0, 1.0, math.pi / 180, math.pi / 180, 1.0])
+    x = np.array([float(start[f]) for f in GEOMETRY_FIELDS]) * to_fit
+    free = np.array([True, True, True, True, bool(fit_distance)])
+    frames = ds["frames"].data
+    mask = np.asarray(get_mask(ds))
+
+    def sums(at: np.ndarray, reference: np.ndarray | None) -> dict[str, Any]:
+        try:
+            Geometry(geometry.shape, geometry.pixel_size_m, at[4], geometry.wavelength_m, (at[0], at[1]))
+        except GeometryError:
+            return {"chi2": np.inf, "dof": 1.0}
+        out = reduce_frames(
+            run_normal_equations_kernel, frames,
+            {"jtj": ((int(free.sum()),) * 2, np.float64), "jtr": ((int(free.sum()),), np.float64),
+             "chi2": ((), np.float64), "dof": ((), np.float64), "tile_chi2": ((), np.float64),
+             "frames": ((), np.float64)},
+            kwargs={"x": at, "reference": reference, "mask": mask, "geometry": geometry, "rings": ring_array,
+                    "free": free, "options": options},
+            name="refine-run")
+        return {k: np.asarray(v) for k, v in zip(out, dask.compute(*out.values()))}
+
+    iterations = 0
+    # Rounds as in refine_frame: the spot-blind percentile first, then the counts with spots
+    # rejected and weights set at the previous round's geometry.
+    for reference_round in range(rounds):
+        reference = None if reference_round == 0 else x.copy()
+        current = sums(x, reference)
+        if current.get("frames", 0) == 0:
+            raise ParameterError("no frame holds enough spot-free pixels on the rings; check the rings, mask and "
+                                 "exclude_radius_px.")
+        damping = 1e-3
+        for _ in range(max_iterations):
+            a, g = current["jtj"], current["jtr"]
+            step = -np.linalg.solve(a + damping * np.diag(np.diag(a)), g)
+            trial = x.copy()
+            trial[free] += step
+            candidate = sums(trial, reference)
+            if candidate["chi2"] < current["chi2"]:
+                x, current, damping = trial, candidate, damping / 10
+                iterations += 1
+                if progress is not None:
+                    progress(iterations, dict(zip(GEOMETRY_FIELDS, x / to_fit)))
+                # Converged when the step is a hundredth of the standard errors.
+                if np.all(np.abs(step) < 1e-2 * np.sqrt(np.diag(np.linalg.inv(a)))):
+                    break
+            else:
+                damping *= 10
+                if damping > 1e8:
+                    break
+    chi2 = float(current["chi2"] / current["dof"])
+    tile_chi2 = float(current["tile_chi2"] / current["frames"])
+    errors = np.zeros(5)
+    errors[free] = np.sqrt(np.diag(np.linalg.inv(current["jtj"])) * max(chi2, tile_chi2, 1.0))
+    values = x / to_fit
+    data: dict[str, Any] = {}
+    for j, field in enumerate(GEOMETRY_FIELDS):
+        data[field] = values[j]
+        data[f"{field}_error"] = errors[j] / to_fit[j]
+    data.update(chi2_reduced=chi2, n_frames=int(current["frames"]), iterations=iterations)
+    attrs = {"refinement": {"rings_q_inv_nm": ring_array.tolist(), **options, "shared": True,
+                            "diffdask_version": diffdask.__version__}}
+    return xr.Dataset({k: ((), v) for k, v in data.items()}, attrs=attrs)

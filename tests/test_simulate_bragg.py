@@ -206,3 +206,16 @@ def test_cli_simulate_bragg(cluster, tmp_path):
     assert result.exit_code == 0, result.output
     stored = open_frames(store)
     assert set(np.unique(stored.frames.values)) <= {0.0, 1.0} and stored.pitch_deg.shape == (6,)
+
+
+def test_fixed_tilt_keeps_every_other_draw():
+    g = Geometry((48, 48), 400e-6, 0.06, 1e-10)
+    free = simulate_bragg(3, g, seed=4).compute()
+    fixed = simulate_bragg(3, g, seed=4, tilt_deg=(1.25, -0.5)).compute()
+    assert np.all(fixed["pitch_deg"].values == 1.25) and np.all(fixed["yaw_deg"].values == -0.5)
+    for name in ("cell", "orientation", "beam_center_y", "distance_m"):
+        assert np.array_equal(free[name].values, fixed[name].values)
+    with pytest.raises(ParameterError, match="tilt_deg"):
+        simulate_bragg(2, g, tilt_deg=(50.0, 0.0))
+    with pytest.raises(ParameterError, match="pair"):
+        simulate_bragg(2, g, tilt_deg=1.0)

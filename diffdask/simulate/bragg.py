@@ -89,6 +89,7 @@ class BraggModel:
     spot_sigma_px: float
     beam_center_jitter_px: float
     max_tilt_rad: float
+    fixed_tilt_rad: tuple[float, float] | None
     distance_range_m: tuple[float, float]
     water_photons: float
     plastic_photons: float
@@ -112,6 +113,8 @@ def _frame_parameters(model: BraggModel, geometry: Geometry, frame: int) -> dict
     ny, nx = geometry.shape
     center = (float(np.clip(center[0], -0.5, ny - 0.5)), float(np.clip(center[1], -0.5, nx - 0.5)))
     pitch, yaw = rng.uniform(-model.max_tilt_rad, model.max_tilt_rad, size=2)
+    if model.fixed_tilt_rad is not None:  # drawn all the same, so every other draw stays put
+        pitch, yaw = model.fixed_tilt_rad
     distance = rng.uniform(*model.distance_range_m)
     water, plastic = rng.uniform(0.5, 1.5, size=2)
     return {
@@ -297,6 +300,18 @@ def bragg_kernel(start: int, stop: int, *, model: BraggModel, geometry: Geometry
     return {"frames": frames, **labels, "orientation": quats, "cell": cells, "n_spots": n_spots}
 
 
+def _fixed_tilt(tilt_deg: Any) -> tuple[float, float] | None:
+    if tilt_deg is None:
+        return None
+    try:
+        pitch, yaw = (float(v) for v in tilt_deg)
+    except (TypeError, ValueError):
+        raise ParameterError(f"tilt_deg must be a (pitch, yaw) pair in degrees, got {tilt_deg!r}.") from None
+    if not all(math.isfinite(v) and abs(v) < 45 for v in (pitch, yaw)):
+        raise ParameterError(f"tilt_deg angles must be finite and within ±45°, got {tilt_deg!r}.")
+    return math.radians(pitch), math.radians(yaw)
+
+
 def simulate_bragg(
     n_frames: int,
     geometry: Geometry,
@@ -309,6 +324,7 @@ def simulate_bragg(
     spot_sigma_px: float = 0.8,
     beam_center_jitter_px: float = 10.0,
     max_tilt_deg: float = 3.0,
+    tilt_deg: tuple[float, float] | None = None,
     distance_m: float | tuple[float, float] | None = None,
     water_photons: float = 20.0,
     plastic_photons: float = 5.0,
@@ -347,6 +363,9 @@ def simulate_bragg(
         Beam centre drawn uniformly within ± this of the nominal one (per axis), pixels.
     max_tilt_deg : float
         Pitch and yaw drawn uniformly within ± this, degrees.
+    tilt_deg : (float, float), optional
+        One (pitch, yaw) for every frame, degrees (a run with a fixed detector; with
+        ``beam_center_jitter_px=0`` and a single ``distance_m`` the whole geometry is fixed).
     distance_m : float or (float, float), optional
         Detector distance range, metres; defaults to ±10 % of ``geometry.distance_m``.
     water_photons, plastic_photons : float
@@ -403,6 +422,7 @@ def simulate_bragg(
         spot_sigma_px=check_positive("spot_sigma_px", spot_sigma_px, "pixels"),
         beam_center_jitter_px=check_nonnegative("beam_center_jitter_px", beam_center_jitter_px, "pixels"),
         max_tilt_rad=math.radians(tilt),
+        fixed_tilt_rad=_fixed_tilt(tilt_deg),
         distance_range_m=dist,
         water_photons=check_nonnegative("water_photons", water_photons, "photons"),
         plastic_photons=check_nonnegative("plastic_photons", plastic_photons, "photons"),
@@ -461,6 +481,7 @@ def simulate_bragg(
             "spot_sigma_px": model.spot_sigma_px,
             "beam_center_jitter_px": model.beam_center_jitter_px,
             "max_tilt_deg": tilt,
+            "tilt_deg": None if tilt_deg is None else [float(v) for v in tilt_deg],
             "distance_range_m": list(dist),
             "water_photons": model.water_photons,
             "plastic_photons": model.plastic_photons,
