@@ -23,6 +23,8 @@ network's values), with the share of frames refined and the median standard erro
 reports — the information the rings hold, a Cramér–Rao bound for any estimator that reads them.
 Rows "nominal start → ring refinement" fit without any network, from the nominal untilted
 geometry, on the standard test set and on one whose rings are ``--bright`` times brighter.
+Rows "one detector" refine runs of ``--run-frames`` frames that share one geometry (as a real
+run does) with `diffdask.refine_run_geometry`: one fit to all their rings.
 Data sets are written once under ``--workdir``; ``--reuse`` takes trained models found there.
 
 Run: ``python benchmarks/geometry_regressor.py --workdir /tmp/geometry`` (``--help`` for sizes).
@@ -50,6 +52,10 @@ from diffdask.simulate.bragg import PLASTIC_RING, WATER_RING
 TARGETS = ("beam_center_y", "beam_center_x", "pitch_deg", "yaw_deg")
 #: The simulator's default beamstop shadow radius, pixels.
 BEAMSTOP_PX = 6.0
+#: Geometry of the fixed-detector runs: beam centre (pixels), (pitch, yaw) (degrees), distance (m).
+RUN_CENTER = (66.7, 61.1)
+RUN_TILT = (1.3, -0.7)
+RUN_DISTANCE = 0.061
 
 
 def geometry() -> dd.Geometry:
@@ -126,6 +132,8 @@ def main() -> None:
     parser.add_argument("--bright", type=float, default=10.0,
                         help="Also refine, from the nominal geometry, a test set with rings this many times brighter "
                              "(0: skip the rows that start from the nominal geometry).")
+    parser.add_argument("--run-frames", default="10,100,1000",
+                        help="Sizes of fixed-detector runs refined with one shared geometry ('' to skip).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -182,6 +190,31 @@ def main() -> None:
             for variant, test in sets.items():
                 refined, summary = refinement(test, None)
                 print(row("nominal start → ring refinement", variant, refined, summary), flush=True)
+
+    sizes = [int(n) for n in args.run_frames.split(",") if n]
+    if sizes:
+        # A run whose detector never moves: every frame shares one centre, tilt and distance.
+        fixed_geometry = dd.Geometry((128, 128), 400e-6, 0.06, 1e-10, RUN_CENTER)
+        path = work / f"run_fixed{max(sizes)}.zarr"
+        if not path.exists():
+            dd.save_frames(simulate_bragg(max(sizes), fixed_geometry, beam_center_jitter_px=0, tilt_deg=RUN_TILT,
+                                          distance_m=RUN_DISTANCE, seed=31, chunks=250, **crystal),
+                           str(path), batch_frames=250)
+        run = dd.open_frames(str(path))
+        truth = np.array([*RUN_CENTER, *RUN_TILT])
+        with dd.connect(n_workers=2, threads_per_worker=1):
+            for n in sizes:
+                t0 = time.perf_counter()
+                fit = dd.refine_run_geometry(run.isel(frame=slice(0, n)).persist(), RINGS,
+                                             exclude_radius_px=BEAMSTOP_PX + 2)
+                seconds = time.perf_counter() - t0
+                err = np.abs(np.array([float(fit[t]) for t in TARGETS]) - truth)
+                m = {"center_px": float(np.hypot(err[0], err[1])), "center_y_px": err[0], "center_x_px": err[1],
+                     "pitch_deg": err[2], "yaw_deg": err[3]}
+                note = (f"σ centre {float(fit['beam_center_y_error']):.3f} px, σ tilt "
+                        f"{float(fit['pitch_deg_error']):.4f}°, distance {float(fit['distance_m']) * 100:.3f} ± "
+                        f"{float(fit['distance_m_error']) * 100:.3f} cm, {int(fit['iterations'])} steps, {seconds:.0f} s")
+                print(row(f"one detector, {n} frames → shared ring refinement", "fixed", m, note), flush=True)
 
 
 if __name__ == "__main__":
