@@ -556,20 +556,41 @@ def _ring(text: str) -> tuple[float, float]:
               help="Leave out pixels within this radius (pixels) of each starting centre (beamstop).")
 @click.option("--polarization", type=click.Choice(["x", "y", "none"]), default="x", show_default=True)
 @click.option("--fixed-distance", is_flag=True, help="Keep each frame's starting distance.")
+@click.option("--shared", is_flag=True,
+              help="One geometry for the whole run (the detector did not move), fitted to every frame's rings; "
+                   "printed (and written with --json), not saved per frame.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="With --shared: write the geometry and its errors to this JSON file.")
 @click.option("--group", default="refine", show_default=True, help="Result group: results/GROUP.")
 @click.option("--overwrite", is_flag=True)
 @scheduler_option
 @workers_option
 @_fail_clearly
 def refine_command(store: str, rings: tuple[str, ...], start_group: str | None, exclude_radius: float,
-                   polarization: str, fixed_distance: bool, group: str, overwrite: bool, scheduler: str | None,
-                   workers: int | None) -> None:
-    """Refine each frame's beam centre, tilt and distance of STORE from its background rings."""
+                   polarization: str, fixed_distance: bool, shared: bool, json_path: str | None, group: str,
+                   overwrite: bool, scheduler: str | None, workers: int | None) -> None:
+    """Refine the beam centre, tilt and distance of STORE's frames from their background rings."""
     import numpy as np
 
     from diffdask.io import open_frames, open_results, save_results
-    from diffdask.refine import refine_geometry
+    from diffdask.refine import GEOMETRY_FIELDS, refine_geometry, refine_run_geometry
 
+    if shared:
+        with _client(scheduler, workers):
+            fit = refine_run_geometry(open_frames(store), [_ring(r) for r in rings], polarization=polarization,
+                                      fit_distance=not fixed_distance, exclude_radius_px=exclude_radius,
+                                      progress=lambda i, v: console.print(f"step {i}: " + ", ".join(
+                                          f"{k} {x:.6g}" for k, x in v.items()), highlight=False))
+        values = {k: float(fit[k]) for k in fit.data_vars}
+        table = Table(title=f"diffdask refine --shared {store} ({values['n_frames']:.0f} frames)", show_header=False)
+        for name in GEOMETRY_FIELDS:
+            table.add_row(name, f"{values[name]:.6g} ± {values[name + '_error']:.2g}")
+        table.add_row("reduced χ²", f"{values['chi2_reduced']:.3f}")
+        console.print(table)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(values, f, indent=2)
+        return
     initial = None
     if start_group:
         found = open_results(store, start_group)

@@ -181,3 +181,23 @@ def test_run_geometry_refuses_bad_input():
         dd.refine_run_geometry(ds, RINGS, max_iterations=0)
     with pytest.raises(ParameterError, match="non-empty list"):
         dd.refine_run_geometry(ds, [])
+
+
+def test_refine_command_shared_geometry_of_a_run(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from diffdask.cli import main
+    from diffdask.io import save_frames
+
+    save_frames(_fixed_run(8, beamstop_radius_px=5, **SPARSE), tmp_path / "run.zarr")
+    out = tmp_path / "geometry.json"
+    runner = CliRunner()
+    result = runner.invoke(main, ["refine", str(tmp_path / "run.zarr"), "--shared", "--json", str(out),
+                                  "--exclude-radius", "7", *[a for q, w in RINGS for a in ("--ring", f"{q},{w}")]])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["n_frames"] == 8 and "pitch_deg" in result.output
+    assert abs(saved["pitch_deg"] - FIXED_TILT[0]) < 4 * saved["pitch_deg_error"]
+    assert abs(saved["beam_center_x"] - 45.6) < 4 * saved["beam_center_x_error"]
