@@ -52,6 +52,8 @@ from diffdask.geometry import Geometry
 
 #: Per-frame geometry values refined, in the order of the fit's parameter vector.
 GEOMETRY_FIELDS = ("beam_center_y", "beam_center_x", "pitch_deg", "yaw_deg", "distance_m")
+#: From those user units (pixels, degrees, metres) to the fit's (pixels, radians, metres).
+_TO_FIT = np.array([1.0, 1.0, math.pi / 180, math.pi / 180, 1.0])
 #: The fit ends when a step changes χ² or the parameters by less than this fraction.
 TOLERANCE = 1e-10
 #: Floor of the model counts used as Poisson variance (photons), so that empty pixels keep a weight.
@@ -266,11 +268,10 @@ def refine_kernel(block: np.ndarray, *, start: np.ndarray, mask: np.ndarray, geo
     n = frames.shape[0]
     out = {"parameters": np.empty((n, 5)), "errors": np.empty((n, 5)), "chi2_reduced": np.empty(n),
            "ring_snr": np.empty(n), "refined": np.empty(n, dtype=bool)}
-    to_fit = np.array([1.0, 1.0, math.pi / 180, math.pi / 180, 1.0])
     for i in range(n):
-        fit = refine_frame(frames[i], mask, geometry, np.asarray(start[i], dtype=float) * to_fit, rings, **options)
-        out["parameters"][i] = fit["parameters"] / to_fit
-        out["errors"][i] = fit["errors"] / to_fit
+        fit = refine_frame(frames[i], mask, geometry, np.asarray(start[i], dtype=float) * _TO_FIT, rings, **options)
+        out["parameters"][i] = fit["parameters"] / _TO_FIT
+        out["errors"][i] = fit["errors"] / _TO_FIT
         for key in ("chi2_reduced", "ring_snr", "refined"):
             out[key][i] = fit[key]
     return out
@@ -546,8 +547,7 @@ def refine_run_geometry(
     unknown = sorted(set(start) - set(GEOMETRY_FIELDS))
     if unknown:
         raise ParameterError(f"initial has unknown entries {unknown}; use {list(GEOMETRY_FIELDS)}.")
-    to_fit = np.array([1.0, 1.0, math.pi / 180, math.pi / 180, 1.0])
-    x = np.array([float(start[f]) for f in GEOMETRY_FIELDS]) * to_fit
+    x = np.array([float(start[f]) for f in GEOMETRY_FIELDS]) * _TO_FIT
     free = np.array([True, True, True, True, bool(fit_distance)])
     frames = ds["frames"].data
     mask = np.asarray(get_mask(ds))
@@ -587,7 +587,7 @@ def refine_run_geometry(
                 x, current, damping = trial, candidate, damping / 10
                 iterations += 1
                 if progress is not None:
-                    progress(iterations, dict(zip(GEOMETRY_FIELDS, x / to_fit)))
+                    progress(iterations, dict(zip(GEOMETRY_FIELDS, x / _TO_FIT)))
                 # Converged when the step is a hundredth of the standard errors.
                 if np.all(np.abs(step) < 1e-2 * np.sqrt(np.diag(np.linalg.inv(a)))):
                     break
@@ -599,11 +599,11 @@ def refine_run_geometry(
     tile_chi2 = float(current["tile_chi2"] / current["frames"])
     errors = np.zeros(5)
     errors[free] = np.sqrt(np.diag(np.linalg.inv(current["jtj"])) * max(chi2, tile_chi2, 1.0))
-    values = x / to_fit
+    values = x / _TO_FIT
     data: dict[str, Any] = {}
     for j, field in enumerate(GEOMETRY_FIELDS):
         data[field] = values[j]
-        data[f"{field}_error"] = errors[j] / to_fit[j]
+        data[f"{field}_error"] = errors[j] / _TO_FIT[j]
     data.update(chi2_reduced=chi2, n_frames=int(current["frames"]), iterations=iterations)
     attrs = {"refinement": {"rings_q_inv_nm": ring_array.tolist(), **options, "shared": True,
                             "diffdask_version": diffdask.__version__}}
