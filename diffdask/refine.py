@@ -61,6 +61,8 @@ VARIANCE_FLOOR = 0.5
 #: Percentile and window (pixels) of the spot-suppressing filter of the first round.
 PREFILTER_PERCENTILE = 25
 PREFILTER_SIZE = 7
+#: Most model evaluations of one round of a frame's fit (a converging fit takes 30–60).
+MAX_EVALUATIONS = 300
 #: Side of the pixel tiles whose summed residuals reveal correlated misfit.
 TILE = 4
 
@@ -105,6 +107,19 @@ def _project(design: np.ndarray, counts: np.ndarray, sqrt_w: np.ndarray) -> tupl
     except np.linalg.LinAlgError:
         amplitudes = np.linalg.lstsq(a, b, rcond=None)[0]
     return amplitudes, b - a @ amplitudes
+
+
+def _ring_snr(design: np.ndarray, counts: np.ndarray, sqrt_w: np.ndarray, n_rings: int, inflate: float) -> float:
+    """Largest ring amplitude over its standard error (weighted fit at a fixed geometry)."""
+    weighted = design * sqrt_w[:, None]
+    amplitudes = _project(design, counts, sqrt_w)[0]
+    try:
+        variance = np.diag(np.linalg.inv(weighted.T @ weighted))[:n_rings] * inflate
+    except np.linalg.LinAlgError:
+        return 0.0
+    err = np.sqrt(np.maximum(variance, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.nanmax(np.where(err > 0, amplitudes[:n_rings] / err, 0.0)))
 
 
 def _model_map(design: np.ndarray, counts: np.ndarray, good: np.ndarray, fit: np.ndarray | None = None,
@@ -219,7 +234,7 @@ def refine_frame(
 
         try:
             result = optimize.least_squares(residual, x[free], x_scale="jac", ftol=TOLERANCE, xtol=TOLERANCE,
-                                            gtol=TOLERANCE, method="lm")
+                                            gtol=TOLERANCE, method="lm", max_nfev=MAX_EVALUATIONS)
         except GeometryError:  # a step took the centre off the detector or the distance below 0
             return fail
         if np.any(result.x < lower[free]) or np.any(result.x > upper[free]):
@@ -231,25 +246,26 @@ def refine_frame(
         model = _model_map(_design(x, geometry, rings, polarization, good), counts_all, good)
         use = _spot_free(counts_all, model, good, reject_sigma, spot_radius_px)
         sqrt_w = 1.0 / np.sqrt(model[use])
+        if round_ == 0:
+            # No ring worth the name (a flat background): stop before fitting noise.
+            snr = _ring_snr(_design(x, geometry, rings, polarization, use), counts_all[use], sqrt_w, len(rings), 1.0)
+            if snr < min_ring_snr / 2:
+                return {**fail, "ring_snr": snr}
     # χ² and errors of the last round's fit, on its pixels and weights.
     design = _design(x, geometry, rings, polarization, use)
     amplitudes, res = _project(design, counts, sqrt_w)
     dof = max(counts.size - int(free.sum()) - design.shape[1], 1)
     chi2 = float(res @ res) / dof
-    weighted = design * sqrt_w[:, None]
     # Poisson weights make the covariance absolute. Misfit inflates it: a χ² above 1, or
     # residuals that agree over a few pixels (faint spots below the rejection threshold) —
     # seen as a χ² above 1 of the residuals summed in tiles. A χ² below 1 (near-empty pixels
     # at the variance floor) does not shrink it.
     inflate = max(chi2, _tile_chi2(counts - design @ amplitudes, 1.0 / sqrt_w**2, use), 1.0)
     try:
-        amp_cov = np.linalg.inv(weighted.T @ weighted) * inflate
         cov = np.linalg.inv(result.jac.T @ result.jac) * inflate
     except np.linalg.LinAlgError:
         return fail
-    amp_err = np.sqrt(np.maximum(np.diag(amp_cov)[: len(rings)], 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = float(np.nanmax(np.where(amp_err > 0, amplitudes[: len(rings)] / amp_err, 0.0)))
+    snr = _ring_snr(design, counts, sqrt_w, len(rings), inflate)
     errors = np.zeros(5)
     errors[free] = np.sqrt(np.maximum(np.diag(cov), 0.0))
     if not (result.success and snr >= min_ring_snr and np.all(np.isfinite(errors))):
