@@ -164,7 +164,7 @@ def main() -> None:
         folder = work / name.replace(" + ", "_").replace(" ", "_")
         t0 = time.perf_counter()
         if args.reuse and (folder / "model.json").exists():
-            model, trained = str(folder), "reused"
+            model, trained = str(folder / "model.pt"), "reused"
         else:
             config = TrainConfig(architecture="GeometryRegressor",
                                  arch_kwargs={"width": args.width, "coordinates": coordinates},
