@@ -219,6 +219,15 @@ def refine_frame(
     # place the rings; later rounds fit the counts themselves with the spots left out.
     floor_image = ndimage.percentile_filter(np.where(mask, counts_all, 0.0), PREFILTER_PERCENTILE,
                                             size=PREFILTER_SIZE, mode="nearest")
+    if good.sum() <= len(rings) + 6:
+        return fail
+    # No ring worth the name at the start (a flat background): decline before fitting noise.
+    design = _design(x, geometry, rings, polarization, good)
+    model = _model_map(design, floor_image, good)
+    clean = _spot_free(counts_all, model, good, reject_sigma, spot_radius_px)
+    snr = _ring_snr(design[clean[good]], counts_all[clean], 1.0 / np.sqrt(model[clean]), len(rings), 1.0)
+    if snr < min_ring_snr / 2:
+        return {**fail, "ring_snr": snr}
     sqrt_w = np.ones(int(use.sum()))
     n_rounds = max(int(rounds), 1)
     for round_ in range(n_rounds):

@@ -7,13 +7,13 @@ import pytest
 from distributed import Client, LocalCluster
 
 import diffdask as dd
-from diffdask.cluster import WORKER_PRELOAD
+from diffdask.cluster import WORKER_PRELOAD, worker_environment
 
 
 @pytest.fixture(scope="session")
 def cluster():
     """One 2-process LocalCluster for the whole session (starting one takes seconds)."""
-    with LocalCluster(
+    with worker_environment(), LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
         preload=list(WORKER_PRELOAD),
     ) as c:

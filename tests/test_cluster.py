@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -42,6 +43,9 @@ def test_default_is_a_local_cluster_bound_to_localhost(monkeypatch):
         assert len(info["workers"]) == 1
         assert "127.0.0.1" in c.dashboard_link
         assert c.submit(pow, 2, 10).result() == 1024
+        # Thread caps stay; the allocator setting that slows detector-sized temporaries 4× goes.
+        environ = c.run(lambda: {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")})
+        assert list(environ.values()) == [{"OMP_NUM_THREADS": "1", "MALLOC_TRIM_THRESHOLD_": None}]
 
 
 def test_unreachable_or_missing_schedulers_are_clear_errors(tmp_path, monkeypatch):
