@@ -573,6 +573,10 @@ def refine_run_geometry(
     if unknown:
         raise ParameterError(f"initial has unknown entries {unknown}; use {list(GEOMETRY_FIELDS)}.")
     x = np.array([float(start[f]) for f in GEOMETRY_FIELDS]) * _TO_FIT
+    try:
+        Geometry(geometry.shape, geometry.pixel_size_m, x[4], geometry.wavelength_m, (x[0], x[1]))
+    except GeometryError as exc:
+        raise ParameterError(f"initial geometry is not usable: {exc}") from None
     free = np.array([True, True, True, True, bool(fit_distance)])
     frames = ds["frames"].data
     mask = np.asarray(get_mask(ds))

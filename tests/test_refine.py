@@ -177,6 +177,8 @@ def test_run_geometry_refuses_bad_input():
     ds = _fixed_run(2)
     with pytest.raises(ParameterError, match="unknown entries"):
         dd.refine_run_geometry(ds, RINGS, initial={"tilt": 1.0})
+    with pytest.raises(ParameterError, match="initial geometry is not usable"):
+        dd.refine_run_geometry(ds, RINGS, initial={"beam_center_y": 500.0})
     with pytest.raises(ParameterError, match="max_iterations"):
         dd.refine_run_geometry(ds, RINGS, max_iterations=0)
     with pytest.raises(ParameterError, match="non-empty list"):
