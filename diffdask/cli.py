@@ -550,8 +550,8 @@ def _ring(text: str) -> tuple[float, float]:
 @click.option("--ring", "rings", multiple=True, required=True, metavar="Q,SIGMA",
               help="A background ring: centre and Gaussian width in q, nm⁻¹ (repeat for each ring).")
 @click.option("--start", "start_group", default=None,
-              help="Result group with per-frame starting values (a `predict` group of a geometry regressor); "
-                   "default: the nominal geometry.")
+              help="Result group with per-frame starting values (a `predict` group of a geometry regressor; "
+                   "--shared starts from their median); default: the nominal geometry.")
 @click.option("--exclude-radius", type=float, default=0.0, show_default=True,
               help="Leave out pixels within this radius (pixels) of each starting centre (beamstop).")
 @click.option("--polarization", type=click.Choice(["x", "y", "none"]), default="x", show_default=True)
@@ -575,9 +575,21 @@ def refine_command(store: str, rings: tuple[str, ...], start_group: str | None, 
     from diffdask.io import open_frames, open_results, save_results
     from diffdask.refine import GEOMETRY_FIELDS, refine_geometry, refine_run_geometry
 
+    if json_path and not shared:
+        raise click.BadParameter("--json writes the one geometry of --shared; per-frame results go to "
+                                 "results/GROUP.", param_hint="--json")
+    initial = None
+    if start_group:
+        found = open_results(store, start_group)
+        initial = found.get("predictions", found)
     if shared:
+        if initial is not None:
+            # One start for the run: the median of the per-frame starting values.
+            names = [str(n) for n in (initial["output"].values if "output" in initial.dims else initial.data_vars)]
+            initial = {n: float(np.nanmedian((initial.sel(output=n) if "output" in initial.dims else initial[n])
+                                             .values)) for n in names if n in GEOMETRY_FIELDS}
         with _client(scheduler, workers):
-            fit = refine_run_geometry(open_frames(store), [_ring(r) for r in rings], polarization=polarization,
+            fit = refine_run_geometry(open_frames(store), [_ring(r) for r in rings], initial, polarization=polarization,
                                       fit_distance=not fixed_distance, exclude_radius_px=exclude_radius,
                                       progress=lambda i, v: console.print(f"step {i}: " + ", ".join(
                                           f"{k} {x:.6g}" for k, x in v.items()), highlight=False))
@@ -591,10 +603,6 @@ def refine_command(store: str, rings: tuple[str, ...], start_group: str | None, 
             with open(json_path, "w") as f:
                 json.dump(values, f, indent=2)
         return
-    initial = None
-    if start_group:
-        found = open_results(store, start_group)
-        initial = found.get("predictions", found)
     out = refine_geometry(open_frames(store), [_ring(r) for r in rings], initial, polarization=polarization,
                           fit_distance=not fixed_distance, exclude_radius_px=exclude_radius)
     with _client(scheduler, workers) as client:

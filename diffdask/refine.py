@@ -149,6 +149,19 @@ def _spot_free(counts: np.ndarray, model: np.ndarray, good: np.ndarray, reject_s
     return good & ~ndimage.binary_dilation(spots & good, structure=_disc(spot_radius_px))
 
 
+def _spot_free_model(design: np.ndarray, counts: np.ndarray, floor_image: np.ndarray, good: np.ndarray,
+                     reject_sigma: float, spot_radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Spot-free pixels and the ring model at a fixed geometry (``design``: rows of ``good``).
+
+    The amplitudes come first from the spot-blind low percentile, then from the counts off the
+    spots that model reveals; the spots are judged again against the second model.
+    """
+    model = _model_map(design, floor_image, good)
+    use = _spot_free(counts, model, good, reject_sigma, spot_radius_px)
+    model = _model_map(design, counts, good, use[good], 1.0 / np.sqrt(model[use]))
+    return _spot_free(counts, model, good, reject_sigma, spot_radius_px), model
+
+
 def refine_frame(
     image: np.ndarray,
     mask: np.ndarray,
@@ -222,6 +235,8 @@ def refine_frame(
     if good.sum() <= len(rings) + 6:
         return fail
     # No ring worth the name at the start (a flat background): decline before fitting noise.
+    # Judged against the spot-blind model only: at an unfitted start, a refit on the counts
+    # takes the misplaced rings' pixels for spots and can decline a frame that has rings.
     design = _design(x, geometry, rings, polarization, good)
     model = _model_map(design, floor_image, good)
     clean = _spot_free(counts_all, model, good, reject_sigma, spot_radius_px)
@@ -255,11 +270,6 @@ def refine_frame(
         model = _model_map(_design(x, geometry, rings, polarization, good), counts_all, good)
         use = _spot_free(counts_all, model, good, reject_sigma, spot_radius_px)
         sqrt_w = 1.0 / np.sqrt(model[use])
-        if round_ == 0:
-            # No ring worth the name (a flat background): stop before fitting noise.
-            snr = _ring_snr(_design(x, geometry, rings, polarization, use), counts_all[use], sqrt_w, len(rings), 1.0)
-            if snr < min_ring_snr / 2:
-                return {**fail, "ring_snr": snr}
     # χ² and errors of the last round's fit, on its pixels and weights.
     design = _design(x, geometry, rings, polarization, use)
     amplitudes, res = _project(design, counts, sqrt_w)
@@ -333,8 +343,7 @@ def _starting_values(ds: xr.Dataset, geometry: Geometry, initial: Any) -> da.Arr
 
 
 def _checked(ds: xr.Dataset, rings: Any, polarization: str, fit_distance: bool, exclude_radius_px: float,
-             reject_sigma: float, spot_radius_px: float, rounds: int,
-             min_ring_snr: float) -> tuple[Geometry, np.ndarray, dict[str, Any]]:
+             reject_sigma: float, spot_radius_px: float, rounds: int) -> tuple[Geometry, np.ndarray, dict[str, Any]]:
     # The checks every refinement makes at the door; returns the geometry, rings and options.
     geometry = get_geometry(ds)
     if geometry is None:
@@ -348,14 +357,14 @@ def _checked(ds: xr.Dataset, rings: Any, polarization: str, fit_distance: bool, 
     if polarization not in ("x", "y", "none"):
         raise ParameterError(f"polarization must be 'x', 'y' or 'none', got {polarization!r}.")
     for name, value in (("exclude_radius_px", exclude_radius_px), ("reject_sigma", reject_sigma),
-                        ("spot_radius_px", spot_radius_px), ("min_ring_snr", min_ring_snr)):
+                        ("spot_radius_px", spot_radius_px)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ParameterError(f"{name} must be a finite number ≥ 0, got {value!r}.")
     if not isinstance(rounds, int) or rounds < 1:
         raise ParameterError(f"rounds must be an integer ≥ 1, got {rounds!r}.")
     options = {"polarization": polarization, "fit_distance": bool(fit_distance),
                "exclude_radius_px": float(exclude_radius_px), "reject_sigma": float(reject_sigma),
-               "spot_radius_px": float(spot_radius_px), "rounds": rounds, "min_ring_snr": float(min_ring_snr)}
+               "spot_radius_px": float(spot_radius_px), "rounds": rounds}
     return geometry, ring_array, options
 
 
@@ -422,7 +431,10 @@ def refine_geometry(
     """
     ds = validate(ds)
     geometry, ring_array, options = _checked(ds, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
-                                             spot_radius_px, rounds, min_ring_snr)
+                                             spot_radius_px, rounds)
+    if not (isinstance(min_ring_snr, (int, float)) and math.isfinite(min_ring_snr) and min_ring_snr >= 0):
+        raise ParameterError(f"min_ring_snr must be a finite number ≥ 0, got {min_ring_snr!r}.")
+    options["min_ring_snr"] = float(min_ring_snr)
     start = _starting_values(ds, geometry, initial)
     out = map_frames(
         refine_kernel, ds["frames"].data,
@@ -482,12 +494,8 @@ def run_normal_equations_kernel(block: Any, *, x: np.ndarray, reference: np.ndar
         if reference is None:
             use, target, model = good, floor_image, np.where(good, 1.0, 0.0)
         else:
-            # Amplitudes from the spot-blind percentile, then from the counts off the spots.
-            design = ref_design[good.ravel()]
-            model = _model_map(design, floor_image, good)
-            use = _spot_free(counts, model, good, options["reject_sigma"], options["spot_radius_px"])
-            model = _model_map(design, counts, good, use[good], 1.0 / np.sqrt(model[use]))
-            use = _spot_free(counts, model, good, options["reject_sigma"], options["spot_radius_px"])
+            use, model = _spot_free_model(ref_design[good.ravel()], counts, floor_image, good,
+                                          options["reject_sigma"], options["spot_radius_px"])
             target = counts
         if int(use.sum()) <= designs[0].shape[1] + n_free:
             continue
@@ -563,8 +571,8 @@ def refine_run_geometry(
     """
     ds = validate(ds)
     geometry, ring_array, options = _checked(ds, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
-                                             spot_radius_px, rounds, 0.0)
-    options = {k: v for k, v in options.items() if k not in ("rounds", "min_ring_snr")}
+                                             spot_radius_px, rounds)
+    del options["rounds"]
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise ParameterError(f"max_iterations must be an integer ≥ 1, got {max_iterations!r}.")
     start = {"beam_center_y": geometry.beam_center_yx[0], "beam_center_x": geometry.beam_center_yx[1],
@@ -572,7 +580,10 @@ def refine_run_geometry(
     unknown = sorted(set(start) - set(GEOMETRY_FIELDS))
     if unknown:
         raise ParameterError(f"initial has unknown entries {unknown}; use {list(GEOMETRY_FIELDS)}.")
-    x = np.array([float(start[f]) for f in GEOMETRY_FIELDS]) * _TO_FIT
+    try:
+        x = np.array([float(start[f]) for f in GEOMETRY_FIELDS]) * _TO_FIT
+    except (TypeError, ValueError):
+        raise ParameterError(f"initial values must be numbers (pixels, degrees, metres), got {initial!r}.") from None
     try:
         Geometry(geometry.shape, geometry.pixel_size_m, x[4], geometry.wavelength_m, (x[0], x[1]))
     except GeometryError as exc:

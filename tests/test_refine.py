@@ -138,6 +138,8 @@ def test_refine_command_starts_from_saved_predictions(cluster, tmp_path):
     assert np.hypot(*(_truth(saved)[:, :2] - truth[:, :2]).T).mean() < 0.5 * np.hypot(0.6, 0.5)
     result = runner.invoke(main, ["refine", str(tmp_path / "bragg.zarr"), "--ring", "19.6"])
     assert result.exit_code == 2 and "Q,SIGMA" in result.output
+    result = runner.invoke(main, ["refine", str(tmp_path / "bragg.zarr"), "--ring", rings[0], "--json", "g.json"])
+    assert result.exit_code == 2 and "--shared" in result.output
 
 
 FIXED = dd.Geometry((96, 96), 500e-6, 0.06, 1e-10, (50.2, 45.6))
@@ -179,6 +181,8 @@ def test_run_geometry_refuses_bad_input():
         dd.refine_run_geometry(ds, RINGS, initial={"tilt": 1.0})
     with pytest.raises(ParameterError, match="initial geometry is not usable"):
         dd.refine_run_geometry(ds, RINGS, initial={"beam_center_y": 500.0})
+    with pytest.raises(ParameterError, match="must be numbers"):
+        dd.refine_run_geometry(ds, RINGS, initial={"pitch_deg": "up"})
     with pytest.raises(ParameterError, match="max_iterations"):
         dd.refine_run_geometry(ds, RINGS, max_iterations=0)
     with pytest.raises(ParameterError, match="non-empty list"):
