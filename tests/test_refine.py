@@ -195,13 +195,17 @@ def test_refine_command_shared_geometry_of_a_run(tmp_path):
     from click.testing import CliRunner
 
     from diffdask.cli import main
-    from diffdask.io import save_frames
+    from diffdask.io import save_frames, save_results
 
     save_frames(_fixed_run(8, beamstop_radius_px=5, **SPARSE), tmp_path / "run.zarr")
+    # Per-frame network guesses around the truth: --shared starts from their median.
+    guesses = np.array([50.2, 45.6, *FIXED_TILT]) + np.random.default_rng(0).normal(0, [0.5, 0.5, 1, 1], (8, 4))
+    save_results(xr.Dataset({"predictions": (("frame", "output"), guesses)},
+                            coords={"output": list(GEOMETRY_FIELDS[:4])}), tmp_path / "run.zarr", "predict")
     out = tmp_path / "geometry.json"
     runner = CliRunner()
     result = runner.invoke(main, ["refine", str(tmp_path / "run.zarr"), "--shared", "--json", str(out),
-                                  "--exclude-radius", "7", *[a for q, w in RINGS for a in ("--ring", f"{q},{w}")]])
+                                  "--start", "predict", "--exclude-radius", "7", *[a for q, w in RINGS for a in ("--ring", f"{q},{w}")]])
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
     assert saved["n_frames"] == 8 and "pitch_deg" in result.output
