@@ -21,6 +21,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+from dask._task_spec import DataNode, List, Task, TaskRef
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 from dask.utils import apply
@@ -197,13 +198,17 @@ def map_frames(
     inner = (0,) * (frames.ndim - 1)
     names = list(specs)
     extra_names = list(extras)
-    layer: dict[Any, Any] = {kwname: kwargs}
+    layer: dict[Any, Any] = {kwname: DataNode(kwname, kwargs)}
     starts = np.cumsum((0,) + frames.chunks[0][:-1])
+    source = frames.__dask_graph__()
     for i in range(frames.numblocks[0]):
-        block = (frames.name, i) + inner
+        block = _read_inline(source, (frames.name, i) + inner)
         offset = int(starts[i]) if pass_offset else None
-        extra_blocks = [(a.name, i) + (0,) * (a.ndim - 1) for a in extras.values()]
-        layer[(kname, i)] = (apply, _block_call, [kernel, names, offset, extra_names, block, *extra_blocks], kwname)
+        extra_blocks = [TaskRef((a.name, i) + (0,) * (a.ndim - 1)) for a in extras.values()]
+        layer[(kname, i)] = Task(
+            (kname, i), apply, _block_call, List(kernel, names, offset, extra_names, block, *extra_blocks),
+            TaskRef(kwname),
+        )  # fmt: skip
     graph = HighLevelGraph.from_collections(kname, layer, dependencies=[frames, *extras.values()])
     result = {}
     for out, (tail, dtype) in specs.items():
@@ -214,6 +219,24 @@ def map_frames(
         chunks = (frames.chunks[0],) + tuple((s,) for s in tail)
         result[out] = da.Array(g, oname, chunks, meta=_meta(frames, 1 + len(tail), dtype))
     return result
+
+
+#: Dask's readers of stored arrays (`da.from_array`, `xr.open_zarr`, HDF5).
+_GETTERS = (da.core.getter, da.core.getter_nofancy, da.core.getter_inline)
+
+
+def _read_inline(graph: Mapping[Any, Any], key: Any) -> Any:
+    """The task that reads block ``key`` from its store, to run inside the kernel's task.
+
+    A chunk read from Zarr or HDF5 is then decoded and reduced in one task: no decoded
+    frame block is handed between tasks or held by the scheduler. Anything else (persisted or
+    computed frames) stays a reference to its own task.
+    """
+    task = graph.get(key)
+    if isinstance(task, Task) and task.func in _GETTERS:
+        if all(isinstance(graph.get(dep), DataNode) for dep in task.dependencies):
+            return task
+    return TaskRef(key)
 
 
 def _sum_partials(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

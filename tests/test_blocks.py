@@ -51,7 +51,7 @@ def test_map_frames_stores_kwargs_once_in_the_graph():
     weight = np.ones((6, 5))
     out = map_frames(_stats, da.from_array(FRAMES, chunks=5), SPECS, kwargs={"weight": weight})
     graph = dict(out["total"].__dask_graph__())
-    holders = [k for k, v in graph.items() if isinstance(v, dict) and "weight" in v]
+    holders = [k for k, v in graph.items() if isinstance(getattr(v, "value", v), dict) and "weight" in v.value]
     assert len(holders) == 1
 
 

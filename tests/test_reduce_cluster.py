@@ -78,7 +78,7 @@ def test_cli_reduce_writes_results_and_figure(sphere_stack, cluster, tmp_path):
     only_com = runner.invoke(main, ["reduce", str(store), "--what", "com", "--group", "com",
                                     "--scheduler", cluster.scheduler_address])
     assert only_com.exit_code == 0, only_com.output
-    assert set(dd.open_results(store, "com").data_vars) == {"com_y", "com_x", "total"}
+    assert set(dd.open_results(store, "com").data_vars) == {"com_y", "com_x", "total", "n_nonfinite"}
 
     same = runner.invoke(main, args)  # an identical re-run (e.g. after a crash) is fine
     assert same.exit_code == 0, same.output

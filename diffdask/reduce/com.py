@@ -6,6 +6,7 @@ import xarray as xr
 
 from diffdask.reduce._graph import (
     frame_coords,
+    nonfinite_attrs,
     prepare,
     provenance,
     run_fused,
@@ -26,8 +27,9 @@ def center_of_mass(ds: xr.Dataset) -> xr.Dataset:
     -------
     xarray.Dataset
         On ``frame``: ``com_y``, ``com_x`` (pixel-index units, row and column, pixel centres
-        at integers; NaN for a frame whose total is 0) and ``total`` (sum of the good pixels,
-        in the frames' units).
+        at integers; NaN for a frame whose total is 0), ``total`` (sum of the good pixels,
+        in the frames' units) and ``n_nonfinite`` (int32: good pixels that were NaN/inf and
+        were left out).
 
     Raises
     ------
@@ -36,10 +38,12 @@ def center_of_mass(ds: xr.Dataset) -> xr.Dataset:
 
     Notes
     -----
-    One product of each chunk with a (pixels × 4) weight matrix; the frames are read once.
+    One call of the compiled kernel (`diffdask.reduce.kernel`) per chunk: each pixel is read
+    once and summed in float64 in a fixed order, so the result is the same bits for any
+    chunking, thread count or CPU.
     """
-    ds, _, op = prepare(ds, radial=False)
-    out = run_fused(ds, op, None, com=True, radial=False, name="center_of_mass")
+    ds, _, plan, _ = prepare(ds, radial=False)
+    out = run_fused(ds, plan, None, com=True, bins=False, name="center_of_mass")
     coords = frame_coords(ds)
     units = ds["frames"].attrs.get("units")
     return xr.Dataset(
@@ -47,6 +51,7 @@ def center_of_mass(ds: xr.Dataset) -> xr.Dataset:
             "com_y": ("frame", out["com_y"], {"units": "pixel", "long_name": "centre of mass, row"}),
             "com_x": ("frame", out["com_x"], {"units": "pixel", "long_name": "centre of mass, column"}),
             "total": ("frame", out["total"], total_attrs(units)),
+            "n_nonfinite": ("frame", out["n_nonfinite"], nonfinite_attrs()),
         },
         coords=coords,
         attrs=provenance("center_of_mass"),

@@ -31,8 +31,8 @@ def lit_pixels(ds: xr.Dataset, threshold: float) -> xr.DataArray:
         ``lit_pixels`` on ``frame``, int32.
     """
     t = check_threshold(threshold)
-    ds, _, op = prepare(ds, radial=False)
-    out = run_fused(ds, op, t, com=False, radial=False, name="lit_pixels")
+    ds, _, plan, _ = prepare(ds, radial=False)
+    out = run_fused(ds, plan, t, com=False, bins=False, name="lit_pixels")
     return xr.DataArray(
         out["lit"],
         dims=("frame",),

@@ -10,14 +10,16 @@ import xarray as xr
 
 from diffdask.blocks import reduce_frames
 from diffdask.geometry import Geometry
+from diffdask.backend import array_namespace
 from diffdask.reduce._graph import (
+    Annuli,
     frame_coords,
     prepare,
     provenance,
     radius_coords,
     run_fused,
 )
-from diffdask.reduce.operator import N_FIXED, PixelOperator, pixel_sums
+from diffdask.reduce.kernel import BinPlan
 
 
 def radial_profile(
@@ -58,31 +60,52 @@ def radial_profile(
     SchemaError
         If ``ds`` is not a frame stack or its mask has no good pixel.
     """
-    ds, geometry, op = prepare(ds, radial=True, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
-    out = run_fused(ds, op, None, com=False, radial=True, name="radial_profile")
-    return _profile_array(out["radial"], ds, geometry, op)
+    ds, geometry, plan, annuli = prepare(ds, radial=True, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
+    out = run_fused(ds, plan, None, com=False, bins=True, name="radial_profile")
+    return _profile_array(out["mean"], ds, geometry, plan, annuli)
 
 
-def _profile_array(data: Any, ds: xr.Dataset, geometry: Geometry | None, op: PixelOperator) -> xr.DataArray:
-    attrs = provenance("radial_profile", bin_width_px=op.bin_width_px, n_bins=op.n_bins, center_yx=op.center_yx)
+def _profile_array(
+    data: Any, ds: xr.Dataset, geometry: Geometry | None, plan: BinPlan, annuli: Annuli
+) -> xr.DataArray:
+    attrs = provenance(
+        "radial_profile", bin_width_px=annuli.bin_width_px, n_bins=annuli.n_bins, center_yx=annuli.center_yx
+    )
     attrs["long_name"] = "mean of good pixels in each annulus"
     if ds["frames"].attrs.get("units"):
         attrs["units"] = ds["frames"].attrs["units"]
     return xr.DataArray(
         data,
         dims=("frame", "radius"),
-        coords={**frame_coords(ds), **radius_coords(op, geometry)},
+        coords={**frame_coords(ds), **radius_coords(plan, annuli, geometry)},
         name="radial_profile",
         attrs=attrs,
     )
 
 
-def _bin_image(total: np.ndarray, count: np.ndarray, op: PixelOperator) -> np.ndarray:
-    # Pixel sums over all frames → bin means: the operator applied to two (1, pixels) rows.
-    rows = np.stack([total.ravel(), count.ravel().astype(np.float64)])
-    sums = op.apply(rows)[:, N_FIXED:]
+def pixel_sums(block: Any, mask: Any) -> dict[str, Any]:
+    """Partial sums of a block over its frames, for dataset-wide means (`reduce_frames` kernel).
+
+    Returns
+    -------
+    dict
+        ``sum`` (ny, nx), float64: sum over the block's frames of each good, finite pixel;
+        ``count`` (ny, nx), int64: number of frames in which the pixel was good and finite.
+    """
+    xp = array_namespace(block)
+    good = xp.isfinite(block) & xp.asarray(mask)
+    s = xp.where(good, block, 0).sum(axis=0, dtype=xp.float64)
+    return {"sum": s, "count": good.sum(axis=0, dtype=xp.int64)}
+
+
+def _bin_image(total: np.ndarray, count: np.ndarray, plan: BinPlan) -> np.ndarray:
+    # Pixel sums over all frames → bin means (np.bincount adds in pixel order).
+    k = plan.bin_index.ravel()
+    sel = k >= 0
+    sums = np.bincount(k[sel], weights=total.ravel()[sel], minlength=plan.n_bins)
+    counts = np.bincount(k[sel], weights=count.ravel()[sel], minlength=plan.n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
+        return np.where(counts > 0, sums / counts, np.nan)
 
 
 def mean_profile(
@@ -96,7 +119,9 @@ def mean_profile(
 
     Used to normalise frames before learning (Zhuang et al. 2022 divide the patterns by it)
     and as the PSD of a selection. A tree reduction of per-chunk pixel sums (float64), then
-    one binning of the summed image.
+    one binning of the summed image. The pixel sums are added chunk by chunk, so unlike the
+    per-frame results this one can change in its last bits (~1e-15 relative) with the
+    chunking; it is the same bits for a given chunking on any number of workers.
 
     Parameters
     ----------
@@ -113,23 +138,25 @@ def mean_profile(
         ``mean_profile`` on ``radius`` with the coordinates of `radial_profile`. Without
         NaN/inf pixels it equals the mean over frames of the per-frame profiles.
     """
-    ds, geometry, op = prepare(ds, radial=True, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
+    ds, geometry, plan, annuli = prepare(ds, radial=True, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
     frames = ds["frames"].data
     if not isinstance(frames, da.Array):
         frames = da.asarray(frames)
     parts = reduce_frames(
         pixel_sums,
         frames,
-        {"sum": (op.shape, np.float64), "count": (op.shape, np.int64)},
-        kwargs={"mask": op.mask},
+        {"sum": (plan.shape, np.float64), "count": (plan.shape, np.int64)},
+        kwargs={"mask": plan.mask},
         split_every=split_every,
         name="mean_profile",
     )
     profile = da.map_blocks(
-        _bin_image, parts["sum"], parts["count"], op=op, drop_axis=1, chunks=((op.n_bins,),), dtype=np.float64
+        _bin_image, parts["sum"], parts["count"], plan=plan, drop_axis=1, chunks=((plan.n_bins,),), dtype=np.float64
     )
-    attrs = provenance("mean_profile", bin_width_px=op.bin_width_px, n_bins=op.n_bins, center_yx=op.center_yx)
+    attrs = provenance(
+        "mean_profile", bin_width_px=annuli.bin_width_px, n_bins=annuli.n_bins, center_yx=annuli.center_yx
+    )
     attrs["long_name"] = "dataset mean of good pixels in each annulus"
     return xr.DataArray(
-        profile, dims=("radius",), coords=radius_coords(op, geometry), name="mean_profile", attrs=attrs
+        profile, dims=("radius",), coords=radius_coords(plan, annuli, geometry), name="mean_profile", attrs=attrs
     )

@@ -12,6 +12,7 @@ from diffdask.reduce._graph import (
     check_min_lit,
     check_threshold,
     frame_coords,
+    nonfinite_attrs,
     prepare,
     provenance,
     radius_coords,
@@ -34,9 +35,10 @@ def summarize(
 ) -> xr.Dataset:
     """Centre of mass, totals, radial profiles, lit pixels and hits in one pass, lazily.
 
-    Every chunk of frames is read (and decompressed) once and goes through one kernel call
-    (`diffdask.reduce.operator.reduce_block`); computing any subset of the result reads the
-    data once too. Store it beside the frames with ``diffdask.io.save_results``.
+    Every chunk of frames is read (and decompressed) once and goes through one call of the
+    compiled kernel (`diffdask.reduce.kernel.reduce_block`), in the same task as its read;
+    computing any subset of the result reads the data once too. Every value is the same bits
+    for any chunking, thread or worker count and CPU. Store it beside the frames with ``diffdask.io.save_results``.
 
     Parameters
     ----------
@@ -56,7 +58,7 @@ def summarize(
     Returns
     -------
     xarray.Dataset
-        On ``frame``: ``com_y``, ``com_x``, ``total`` (as `center_of_mass`),
+        On ``frame``: ``com_y``, ``com_x``, ``total``, ``n_nonfinite`` (as `center_of_mass`),
         ``radial_profile`` (``frame``, ``radius``), and with a threshold ``lit_pixels``
         (int32) and with ``min_lit`` ``is_hit`` (bool); only the parts in ``include``. Every
         variable is aligned on ``frame``: the dataset-wide profile is `mean_profile` (its own
@@ -85,19 +87,20 @@ def summarize(
         )
     if not hits:
         t = m = None
-    ds, geometry, op = prepare(ds, radial=radial, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
-    out = run_fused(ds, op, t, com=com, radial=radial, name="summarize")
+    ds, geometry, plan, annuli = prepare(ds, radial=radial, bin_width_px=bin_width_px, n_bins=n_bins, center=center)
+    out = run_fused(ds, plan, t, com=com, bins=radial, name="summarize")
     units = ds["frames"].attrs.get("units")
     data_vars: dict[str, Any] = {}
     if com:
         data_vars["com_y"] = ("frame", out["com_y"], {"units": "pixel", "long_name": "centre of mass, row"})
         data_vars["com_x"] = ("frame", out["com_x"], {"units": "pixel", "long_name": "centre of mass, column"})
         data_vars["total"] = ("frame", out["total"], total_attrs(units))
+        data_vars["n_nonfinite"] = ("frame", out["n_nonfinite"], nonfinite_attrs())
     if radial:
         profile_attrs = {"long_name": "mean of good pixels in each annulus"}
         if units:
             profile_attrs["units"] = units
-        data_vars["radial_profile"] = (("frame", "radius"), out["radial"], profile_attrs)
+        data_vars["radial_profile"] = (("frame", "radius"), out["mean"], profile_attrs)
     if t is not None:
         data_vars["lit_pixels"] = ("frame", out["lit"], {"long_name": f"good pixels > {t}"})
     if m is not None:
@@ -105,6 +108,6 @@ def summarize(
     params: dict[str, Any] = {"include": [p for p in PARTS if p in parts], "threshold": t, "min_lit": m}
     coords = frame_coords(ds)
     if radial:
-        params.update(bin_width_px=op.bin_width_px, n_bins=op.n_bins, center_yx=op.center_yx)
-        coords.update(radius_coords(op, geometry))
+        params.update(bin_width_px=annuli.bin_width_px, n_bins=annuli.n_bins, center_yx=annuli.center_yx)
+        coords.update(radius_coords(plan, annuli, geometry))
     return xr.Dataset(data_vars, coords=coords, attrs=provenance("summarize", **params))
