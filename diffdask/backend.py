@@ -42,7 +42,11 @@ def gpu_available() -> bool:
 
 
 def to_gpu(x: Any) -> Any:
-    """Copy a NumPy array to the current CUDA device as a CuPy array.
+    """Move data to the current CUDA device: a NumPy array as a CuPy array, a frame stack lazily.
+
+    A frame stack (an `xarray.Dataset` with ``frames``) keeps its chunks; each chunk becomes a
+    CuPy array when it is computed, so the graph builders (e.g. `diffdask.summarize`) run
+    their GPU kernels on it.
 
     Raises
     ------
@@ -54,7 +58,16 @@ def to_gpu(x: Any) -> Any:
             "no CUDA device is usable here (CuPy missing or no GPU); install diffdask[gpu] on a "
             "GPU node, or leave the data on the CPU."
         )
-    return importlib.import_module("cupy").asarray(x)
+    cupy = importlib.import_module("cupy")
+    if hasattr(x, "data_vars") and "frames" in x:
+        import dask.array as da
+
+        frames = x["frames"].data
+        if not isinstance(frames, da.Array):
+            frames = da.asarray(frames)
+        moved = frames.map_blocks(cupy.asarray, meta=cupy.empty((0,) * frames.ndim, dtype=frames.dtype))
+        return x.assign(frames=(x["frames"].dims, moved, x["frames"].attrs))
+    return cupy.asarray(x)
 
 
 def to_cpu(x: Any) -> np.ndarray:
