@@ -1,6 +1,7 @@
 """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
 
-from diffdask import latent, metrics
+from diffdask import backend, latent, metrics
+from diffdask.backend import gpu_available, to_cpu, to_gpu
 from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
 from diffdask.cluster import connect
 from diffdask.commonlines import (
@@ -101,6 +102,7 @@ __all__ = [
     "flag_outliers",
     "generate_frames",
     "get_geometry",
+    "gpu_available",
     "integrate1d",
     "integrate2d",
     "get_mask",
@@ -137,6 +139,8 @@ __all__ = [
     "sort_single_hits",
     "store_info",
     "summarize",
+    "to_cpu",
+    "to_gpu",
     "validate",
     "write_emc",
     "write_emc_output",

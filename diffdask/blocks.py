@@ -21,8 +21,9 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask._task_spec import DataNode, List, Task, TaskRef
+from dask._task_spec import DataNode, GraphNode, List, Task, TaskRef
 from dask.base import tokenize
+from dask.core import istask
 from dask.highlevelgraph import HighLevelGraph
 from dask.utils import apply
 
@@ -234,9 +235,14 @@ def _read_inline(graph: Mapping[Any, Any], key: Any) -> Any:
     """
     task = graph.get(key)
     if isinstance(task, Task) and task.func in _GETTERS:
-        if all(isinstance(graph.get(dep), DataNode) for dep in task.dependencies):
+        if all(_is_data(graph.get(dep)) for dep in task.dependencies):
             return task
     return TaskRef(key)
+
+
+def _is_data(node: Any) -> bool:
+    # A stored array's handle: a DataNode, or a raw value in a legacy graph (not a task).
+    return isinstance(node, DataNode) or not (isinstance(node, GraphNode) or istask(node))
 
 
 def _sum_partials(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
