@@ -7,18 +7,20 @@ beamstop and a panel gap in the mask, beam off-centre) this measures:
     one pass reading the compressed Zarr store (`open_frames`, decompress + sum, and a pure
     read that decompresses and touches one pixel per frame, both through a Dask blockwise op
     and through `map_frames`; the fastest counts);
-(b) diffdask `center_of_mass`, `radial_profile`, `lit_pixels` and `summarize`, in memory and
-    from the Zarr store;
+(b) diffdask `center_of_mass`, `radial_profile`, `lit_pixels`, `summarize` and `integrate1d`
+    (q, Poisson errors), in memory (float32, and the same counts as uint16) and from the Zarr
+    store;
 (c) peers on the same frames, from the benchmark environment only
     (``benchmarks/setup_bench_env.sh``): LiberTEM ``CoMUDF`` and ``ApplyMasksUDF`` with one
     ring mask per radial bin (its 'threads' executor on all cores by default; the best of
-    ``--libertem-executors``), and pyFAI ``integrate1d`` per frame with the CSR engine (no
-    pixel splitting, same bins, same mask; timed on a subset and scaled to all frames).
+    ``--libertem-executors``), pyFAI ``integrate1d`` per frame with the CSR engine (no
+    pixel splitting, same bins, same mask; timed on a subset and scaled to all frames), and
+    pyFAI's CSR matrix applied to the whole stack in one sparse product.
 
 Throughputs are printed as frames/s and as ratios (against the floors and the peers).
 Peers that are not installed are reported as missing, not skipped silently.
 
-``--scale`` runs the end-to-end scale test instead: 10⁶ frames (``--n-frames``) of 128×128
+``--scale`` runs the end-to-end scale test instead: 10⁷ frames (``--n-frames``) of 128×128
 uint16 Poisson photons written to a Zarr store with `save_frames` in bounded memory, then
 ``save_results(summarize(open_frames(store)))``, reporting wall times and peak memory (RSS).
 
@@ -38,6 +40,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +108,7 @@ def diffdask_cases(ds: Any, threshold: float, read_floors: bool) -> dict[str, Ca
             lambda b: b[:, 0, 0].copy(), drop_axis=(1, 2), dtype=frames.dtype
         ).compute()
         floors["floor: read (map_frames)"] = lambda: map_frames(
-            _corner, frames, {"corner": ((), frames.dtype)}, pass_offset=True
+            _corner, frames, {"corner": ((), frames.dtype)}
         )["corner"].compute()
     return {
         **floors,
@@ -113,6 +116,7 @@ def diffdask_cases(ds: Any, threshold: float, read_floors: bool) -> dict[str, Ca
         "radial_profile": lambda: dd.radial_profile(ds).compute(),
         "lit_pixels": lambda: dd.lit_pixels(ds, threshold).compute(),
         "summarize": lambda: dd.summarize(ds, threshold=threshold, min_lit=20).compute(),
+        "integrate1d (q, Poisson)": lambda: dd.integrate1d(ds, 100, error_model="poisson").compute(),
     }
 
 
@@ -130,7 +134,7 @@ def libertem_cases(
     n = frames.shape[0]
     nav = (n // 100, 100) if n % 100 == 0 else (n,)  # a scan, so CoMUDF's field maps apply
     data = frames.reshape(*nav, *frames.shape[1:])
-    bins = op.bin_map()
+    bins = op.index
     factories = [(lambda k=k: (bins == k).astype(np.float32)) for k in range(op.n_bins)]
     cy, cx = op.center_yx
     cases = {}
@@ -152,7 +156,8 @@ def libertem_cases(
 def pyfai_cases(
     frames: np.ndarray, mask: np.ndarray, op: Any, geometry: dd.Geometry, n_frames: int
 ) -> dict[str, Callable[[], Any]]:
-    """pyFAI integrate1d on ``n_frames`` frames, one call per frame, CSR engine, same bins and mask.
+    """pyFAI integrate1d on ``n_frames`` frames, one call per frame, CSR engine, same bins and mask;
+    and pyFAI's CSR matrix applied to the whole stack at once (one sparse × dense product).
 
     Timed with OpenMP's default thread count and with one thread: on a loaded 2-core machine
     pyFAI's OpenMP loop was measured 10-20× slower with 2 threads than with 1, so both are
@@ -188,7 +193,36 @@ def pyfai_cases(
         with threadpool_limits(1, user_api="openmp"):
             run()
 
-    return {"pyFAI integrate1d (csr, OpenMP default)": run, "pyFAI integrate1d (csr, 1 thread)": run_one_thread}
+    ai.integrate1d(sub[0], op.n_bins, **kwargs)
+    csr = _pyfai_csr(ai, frames.shape[1] * frames.shape[2])
+    flat = frames.reshape(frames.shape[0], -1)
+    ones = np.ones(flat.shape[1], dtype=np.float32)
+    norm = csr @ ones
+
+    def whole_stack() -> None:
+        # pyFAI's engine computes signal = CSR·I and normalisation = CSR·1 per frame; here for
+        # all frames in one product, as a user holding pyFAI's matrix would.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            (csr @ flat.T).T / norm
+
+    return {
+        "pyFAI integrate1d (csr, OpenMP default)": run,
+        "pyFAI integrate1d (csr, 1 thread)": run_one_thread,
+        "pyFAI CSR matrix × whole stack": whole_stack,
+    }
+
+
+def _pyfai_csr(ai: Any, n_pixels: int) -> Any:
+    """The CSR matrix (bins × pixels) of pyFAI's last 1-D CSR integration, as SciPy sparse."""
+    import scipy.sparse as sp
+
+    for engine in ai.engines.values():
+        integrator = getattr(engine, "engine", None)
+        lut = getattr(integrator, "lut", None)
+        if lut is not None and len(lut) == 3:
+            data, indices, indptr = (np.asarray(a) for a in lut)
+            return sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(len(indptr) - 1, n_pixels))
+    raise RuntimeError("pyFAI kept no CSR engine after integrate1d(method=('no', 'csr', 'cython')).")
 
 
 def run_comparison(args: argparse.Namespace, work: Path) -> None:
@@ -203,10 +237,12 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     save_frames(ds, store, overwrite=True)
     zds = open_frames(store)
     info = store_info(store)
-    op = _operator(ds)
+    op = _bins(ds)
     n = args.n_frames
+    ds16 = dd.make_frame_stack(frames.astype(np.uint16), mask=mask, geometry=geometry)
     cases: dict[tuple[str, str], Callable[[], Any]] = {}
     cases.update({("memory", k): f for k, f in diffdask_cases(ds, args.threshold, read_floors=False).items()})
+    cases.update({("memory uint16", k): f for k, f in diffdask_cases(ds16, args.threshold, read_floors=False).items()})
     cases.update({("zarr", k): f for k, f in diffdask_cases(zds, args.threshold, read_floors=True).items()})
     missing = []
     with contextlib.ExitStack() as stack:
@@ -233,7 +269,7 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
                 w, c = _timed(fn)
                 wall[key], cpu[key] = min(wall[key], w), min(cpu[key], c)
     for key in wall:
-        if key[1].startswith("pyFAI"):
+        if key[1].startswith("pyFAI integrate1d"):
             scale = n / min(n, args.pyfai_frames)  # per-frame calls: scale to all frames
             wall[key] *= scale
             cpu[key] *= scale
@@ -245,7 +281,7 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
         return min(wall[k] for k in keys), min(cpu[k] for k in keys)
 
     # The floor of a source is the fastest of its floor passes (the harder target).
-    for source in ("memory", "zarr"):
+    for source in ("memory", "memory uint16", "zarr"):
         keys = [k for k in wall if k[0] == source and k[1].startswith("floor:")]
         wall[(source, "floor")] = min(wall[k] for k in keys)
         cpu[(source, "floor")] = min(cpu[k] for k in keys)
@@ -264,7 +300,11 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     print("|---|---|---|---|---|---|")
     vs_peer = {
         "center_of_mass": [("LiberTEM CoMUDF", "LiberTEM CoMUDF")],
-        "radial_profile": [("LiberTEM ring masks", "LiberTEM ring masks"), ("pyFAI", "pyFAI integrate1d")],
+        "radial_profile": [
+            ("LiberTEM ring masks", "LiberTEM ring masks"),
+            ("pyFAI integrate1d", "pyFAI integrate1d per frame"),
+            ("pyFAI CSR", "pyFAI CSR × whole stack"),
+        ],
     }
     for key in wall:
         source, what = key
@@ -282,7 +322,7 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     for key in wall:
         source, what = key
         if source == "peer":
-            note = f" ({args.pyfai_frames} frames timed, scaled)" if what.startswith("pyFAI") else ""
+            note = f" ({args.pyfai_frames} frames timed, scaled)" if what.startswith("pyFAI integrate1d") else ""
             print(f"| {what}{note} | memory | {pair(wall[key], cpu[key], 3)} | {n / wall[key]:,.0f} "
                   f"| {pair(fw / wall[key], fc / cpu[key])} | |")
     for m in missing:
@@ -291,10 +331,21 @@ def run_comparison(args: argparse.Namespace, work: Path) -> None:
     print(f"| summarize from Zarr vs Zarr read floor | | | | {pair(wall[zf] / wall[zs], cpu[zf] / cpu[zs])} | |")
 
 
-def _operator(ds: Any) -> Any:
+@dataclass(frozen=True)
+class Bins:
+    """The default annuli of `dd.radial_profile` on this stack, for the peers to use too."""
+
+    index: np.ndarray  # (ny, nx) bin of each pixel, −1 masked
+    n_bins: int
+    center_yx: tuple[float, float]
+    bin_width_px: float
+
+
+def _bins(ds: Any) -> Bins:
     from diffdask.reduce._graph import prepare
 
-    return prepare(ds, radial=True)[2]
+    _, _, plan, annuli = prepare(ds, radial=True)
+    return Bins(plan.bin_index, plan.n_bins, annuli.center_yx, annuli.bin_width_px)
 
 
 class _PeakRSS:
@@ -362,7 +413,7 @@ def run_scale(args: argparse.Namespace, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-frames", type=int, default=None, help="default 20000 (10⁶ with --scale)")
+    parser.add_argument("--n-frames", type=int, default=None, help="default 20000 (10⁷ with --scale)")
     parser.add_argument("--shape", type=int, nargs=2, default=(128, 128))
     parser.add_argument("--photons", type=float, default=3000.0, help="mean photons per frame in the sphere pattern")
     parser.add_argument("--threshold", type=float, default=0.5, help="lit-pixel threshold, photons")
@@ -375,11 +426,11 @@ def main() -> None:
         help="comma-separated LiberTEM executors to time (its best counts); 'dask' starts worker "
         "processes that each hold the data, measured 10-100× slower than 'threads' on 2 cores",
     )
-    parser.add_argument("--scale", action="store_true", help="the 10⁶-frame write + summarize run")
+    parser.add_argument("--scale", action="store_true", help="the 10⁷-frame write + summarize run")
     parser.add_argument("--workdir", default=None, help="where to write the stores (default: a temp dir)")
     args = parser.parse_args()
     if args.n_frames is None:
-        args.n_frames = 1_000_000 if args.scale else 20_000
+        args.n_frames = 10_000_000 if args.scale else 20_000
     work = Path(tempfile.mkdtemp(prefix="diffdask-bench-", dir=args.workdir))
     try:
         with dask.config.set(scheduler="threads"):
