@@ -5,8 +5,8 @@ bin sums and counts, Poisson variance sums, lit pixels, non-finite pixels — is
 `reduce_block` in one pass over each frame:
 
 - Frames go through in groups of `LANES` (8), one detector row at a time. Each pixel is
-  read once: converted to float64, NaN/inf tested (``v − v == 0`` holds exactly for finite
-  ``v``) and zeroed, multiplied by the mask, counted as lit or non-finite, and added to its
+  read once: converted to float64, NaN/inf tested (``|v| < ∞`` is false exactly for NaN
+  and ±inf) and zeroed, multiplied by the mask, counted as lit or non-finite, and added to its
   column's ``Σ_i v`` and ``Σ_i (i − ry)·v`` (per-column accumulators: the loop over a row
   vectorises without reassociating any sum); the cleaned value also goes into a small
   pixel-major buffer of the group's row (a transpose, in L1).
@@ -15,6 +15,8 @@ bin sums and counts, Poisson variance sums, lit pixels, non-finite pixels — is
   precomputed int32 bin index). At the end of the group the column sums are added in column order:
   ``total = Σ_j colsum_j``, ``Σy·I = Σ_j colmom_j``, ``Σx·I = Σ_j (j − rx)·colsum_j``, and each
   bin is ``even + odd``.
+- Without bins (`center_of_mass`, `lit_pixels`) the same per-column sums run frame by frame
+  with no transpose; the sums and their order are the same, so the bits are too.
 
 Every sum is float64 and its order is fixed by the geometry alone, so a frame's results are
 the same bits whatever the chunking, the thread or worker count, the CPU model or the BLAS
@@ -246,7 +248,7 @@ def _reduce_frames(
                 if do_bins:
                     for j in range(nx):
                         v = np.float64(row[j])
-                        fin = v - v == 0.0
+                        fin = abs(v) < np.inf
                         v = (v if fin else 0.0) * gi[j]
                         cs[j] += v
                         cm[j] += w * v
@@ -256,7 +258,7 @@ def _reduce_frames(
                 else:
                     for j in range(nx):
                         v = np.float64(row[j])
-                        fin = v - v == 0.0
+                        fin = abs(v) < np.inf
                         v = (v if fin else 0.0) * gi[j]
                         cs[j] += v
                         cm[j] += w * v
@@ -271,7 +273,7 @@ def _reduce_frames(
                 if do_var:
                     for j in range(nx):
                         x = np.float64(row[j])
-                        pois[j, f] = max(1.0, x) if (x - x == 0.0) and gi[j] > 0.0 else 0.0
+                        pois[j, f] = max(1.0, x) if abs(x) < np.inf and gi[j] > 0.0 else 0.0
             if do_bins:
                 bi = bins[i]
                 for j in range(nx):
@@ -306,6 +308,46 @@ def _reduce_frames(
 
 
 @_jit
+def _pixel_frames(block, good, thr, total, sy, sx, lit, bad):  # pragma: no cover - compiled
+    # Without bins there is nothing to scatter: frame by frame, row by row, the same per-column
+    # sums in the same order as `_reduce_frames` (so both give the same bits), without the
+    # transpose that the vector scatter needs.
+    n, ny, nx = block.shape
+    ry = (ny - 1) / 2.0
+    rx = (nx - 1) / 2.0
+    colsum = np.empty(nx)
+    colmom = np.empty(nx)
+    for f in range(n):
+        colsum[:] = 0.0
+        colmom[:] = 0.0
+        nl = 0
+        nbad = 0
+        for i in range(ny):
+            w = i - ry
+            for j in range(nx):
+                v = np.float64(block[f, i, j])
+                g = good[i, j]
+                fin = abs(v) < np.inf
+                v = (v if fin else 0.0) * g
+                colsum[j] += v
+                colmom[j] += w * v
+                nl += fin & (v > thr[i, j])
+                nbad += (not fin) & (g > 0.0)
+        t = 0.0
+        my = 0.0
+        mx = 0.0
+        for j in range(nx):
+            t += colsum[j]
+            my += colmom[j]
+            mx += (j - rx) * colsum[j]
+        total[f] = t
+        sy[f] = my
+        sx[f] = mx
+        lit[f] = nl
+        bad[f] = nbad
+
+
+@_jit
 def _bin_counts(block, bins, nb, bad, base, cnt):  # pragma: no cover - compiled
     # Good pixels per bin and frame: the plan's counts, less the frame's NaN/inf pixels
     # (a scalar pass only over the frames that hold some).
@@ -318,7 +360,7 @@ def _bin_counts(block, bins, nb, bad, base, cnt):  # pragma: no cover - compiled
             for j in range(nx):
                 k = bins[i, j]
                 v = np.float64(block[f, i, j])
-                if k < nb and not (v - v == 0.0):
+                if k < nb and not abs(v) < np.inf:
                     cnt[f, k] -= 1
 
 
@@ -396,11 +438,13 @@ def reduce_block(
     }
     thr = _threshold_map(plan, threshold) if do_lit else plan.good
     idx = plan.scatter_index
-    _reduce_frames(
-        block, plan.good, thr, idx, nb, com, do_lit, bins, variance and bins,
-        out["total"], out["sum_y"], out["sum_x"], out["lit"], out["n_nonfinite"], out["bin_sum"], out["bin_var"],
-    )  # fmt: skip
-    if bins:
+    if not bins:
+        _pixel_frames(block, plan.good, thr, out["total"], out["sum_y"], out["sum_x"], out["lit"], out["n_nonfinite"])
+    else:
+        _reduce_frames(
+            block, plan.good, thr, idx, nb, com, do_lit, bins, variance,
+            out["total"], out["sum_y"], out["sum_x"], out["lit"], out["n_nonfinite"], out["bin_sum"], out["bin_var"],
+        )  # fmt: skip
         _bin_counts(block, idx, nb, out["n_nonfinite"], plan.bin_counts.astype(np.int32), out["bin_count"])
     keep = []
     if com:
