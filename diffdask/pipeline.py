@@ -13,13 +13,18 @@ A pipeline file (YAML) names the inputs, where each input's store goes, and the 
 Each (input, step) pair is marked done — a small JSON file written with an atomic rename — only
 after the step has finished writing; steps themselves write resumable stores, so a run killed
 at any moment (even SIGKILL) continues where it stopped when started again, and nothing is
-marked done that was not fully written. An input whose step fails is reported and skipped;
+marked done that was not fully written. A flag records a key of everything that determines the
+step's result (the input's path, size and modification time, the step's options, the output
+store and the previous step's key): a step is skipped only when its key is unchanged and its
+output store still exists complete, and once a step runs again every later step does too —
+so a changed option or a deleted output is recomputed, never silently kept. An input whose step fails is reported and skipped;
 the others go on.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import time
@@ -195,8 +200,26 @@ class Pipeline:
         key = Path(source.rstrip("/")).name
         return self.state / key / f"{step_index:02d}-{step}.json"
 
-    def is_done(self, source: str, step_index: int, step: str) -> bool:
-        return self._flag(source, step_index, step).exists()
+    def step_key(self, source: str, step_index: int, previous: str) -> str:
+        """What determines a step's result: the input's identity, the step and its options, the
+        output location and the previous step's key (so a change reruns every later step)."""
+        name, options = self.steps[step_index]
+        record = {"input": _identity(source), "step": name, "index": step_index, "options": options,
+                  "store": self.store_for(source), "previous": previous}  # fmt: skip
+        return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+    def is_done(self, source: str, step_index: int, step: str, key: str | None = None) -> bool:
+        """A step is done if its flag records this ``key`` and its output store is still complete."""
+        flag = self._flag(source, step_index, step)
+        if not flag.exists():
+            return False
+        try:
+            record = json.loads(flag.read_text())
+        except (OSError, ValueError):
+            return False
+        if key is not None and record.get("key") != key:
+            return False
+        return _complete(self.store_for(source))
 
     def mark_done(self, source: str, step_index: int, step: str, record: Mapping[str, Any]) -> None:
         flag = self._flag(source, step_index, step)
@@ -204,6 +227,28 @@ class Pipeline:
         tmp = flag.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, flag)  # atomic: a flag is either absent or complete
+
+
+def _identity(source: str) -> dict[str, Any]:
+    """Path, size and modification time of an input (a file, or a store's root metadata)."""
+    if "://" in source:
+        return {"url": source}
+    path = Path(source).resolve()
+    target = path / "zarr.json" if path.is_dir() else path
+    try:
+        st = target.stat()
+    except OSError:
+        return {"path": str(path)}
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _complete(store: str) -> bool:
+    from diffdask.io import store_info
+
+    try:
+        return bool(store_info(store)["complete"])
+    except DiffdaskError:
+        return False
 
 
 def load_pipeline(path: str) -> Pipeline:
@@ -307,10 +352,13 @@ def run_pipeline(pipeline: Pipeline, on_step: Callable[[StepReport], None] | Non
     for source in pipeline.inputs:
         store = pipeline.store_for(source)
         failed = False
+        rerun = False  # once a step runs again, every later step does too
+        key = ""
         for index, (name, options) in enumerate(pipeline.steps):
+            key = pipeline.step_key(source, index, key)
             if failed:
                 entry = StepReport(source, name, "not run", message="an earlier step failed")
-            elif pipeline.is_done(source, index, name):
+            elif not rerun and pipeline.is_done(source, index, name, key):
                 entry = StepReport(source, name, "skipped", message="done in an earlier run")
             else:
                 t0 = time.perf_counter()
@@ -325,7 +373,8 @@ def run_pipeline(pipeline: Pipeline, on_step: Callable[[StepReport], None] | Non
                     )
                 else:
                     seconds = time.perf_counter() - t0
-                    pipeline.mark_done(source, index, name, {"store": store, "options": options,
+                    rerun = True
+                    pipeline.mark_done(source, index, name, {"store": store, "options": options, "key": key,
                                                              "seconds": seconds, "summary": summary})
                     entry = StepReport(source, name, "done", seconds, summary)
             report.steps.append(entry)

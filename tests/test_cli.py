@@ -83,3 +83,16 @@ def test_readme_quick_start_runs(cluster, tmp_path, monkeypatch):
 
     expected = np.where(bad[None], 0, raw).sum(axis=(1, 2))
     assert np.array_equal(open_results(tmp_path / "run.zarr", "total").total.values, expected)
+
+
+def test_ingest_overwrite_into_a_users_directory_deletes_nothing(tmp_path):
+    """The reported data loss: `ingest run.cxi SOME_DIR --overwrite` emptied SOME_DIR."""
+    write_demo_cxi(str(tmp_path / "run.cxi"), n_frames=8, shape=(16, 16), seed=1)
+    users = tmp_path / "scratch"
+    users.mkdir()
+    (users / "analysis.py").write_text("print('mine')")
+    result = CliRunner().invoke(main, ["ingest", str(tmp_path / "run.cxi"), str(users), "--overwrite"])
+    assert result.exit_code == 2 and "not a diffdask store" in result.output, result.output
+    assert "Traceback" not in result.output and "--overwrite" not in result.output.split("error:")[-1]
+    assert sorted(p.name for p in users.iterdir()) == ["analysis.py"]
+    assert (users / "analysis.py").read_text() == "print('mine')"

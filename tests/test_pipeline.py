@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,3 +174,24 @@ def test_roi_step_on_a_simulated_scan_archive(tmp_path):
     roi = open_results(tmp_path / "scans" / "s1.zarr", "roi")
     footprint = scan.in_object.values
     assert (roi.in_roi.values & footprint).sum() >= 0.95 * footprint.sum()
+
+
+def test_changed_options_and_deleted_outputs_are_recomputed_not_skipped(client, tmp_path):
+    """The reported stale flags: a changed threshold or a deleted store was skipped with rc 0."""
+    path = _archive(tmp_path, n_inputs=1)
+    path.write_text(PIPELINE.replace("  - emc2d: {classes: 2, rotations: 6, iterations: 2, seed: 3}\n", ""))
+    store = tmp_path / "processed" / "run_00.zarr"
+    first = run_pipeline(load_pipeline(str(path)))
+    assert [r.status for r in first.steps] == ["done", "done"]
+    assert [r.status for r in run_pipeline(load_pipeline(str(path))).steps] == ["skipped", "skipped"]
+
+    path.write_text(path.read_text().replace("threshold: 0.5", "threshold: 3.5"))
+    changed = run_pipeline(load_pipeline(str(path)))
+    assert [r.status for r in changed.steps] == ["skipped", "done"]
+    assert open_results(store, "summary").attrs["threshold"] == 3.5
+
+    shutil.rmtree(store)
+    rebuilt = run_pipeline(load_pipeline(str(path)))
+    assert [r.status for r in rebuilt.steps] == ["done", "done"]
+    assert open_frames(store).sizes["frame"] == 60
+    assert open_results(store, "summary").attrs["threshold"] == 3.5

@@ -77,7 +77,8 @@ def test_open_frames_reads_metadata_only(tmp_path, photon_stack):
         ds = open_frames(path)
     assert Count.started == 0
     assert ds.frames.shape == (70, 24, 30) and isinstance(ds.frames.data, da.Array)
-    assert np.array_equal(ds.frames[:16].values, np.zeros((16, 24, 30)))  # missing shards read as fill value
+    with pytest.raises(dd.IncompleteStoreError, match="frames 0–15"):  # lost frames are never zeros
+        ds.frames[:16].values
 
 
 def _failing(ds: xr.Dataset, bad_block: int) -> xr.Dataset:
@@ -138,8 +139,35 @@ def test_existing_different_data_is_never_overwritten_silently(tmp_path, photon_
     junk = tmp_path / "notes"
     junk.mkdir()
     (junk / "todo.txt").write_text("not a store")
-    with pytest.raises(dd.StoreExistsError, match="not a Zarr store"):
+    with pytest.raises(dd.StoreExistsError, match="not a diffdask store") as err:
         save_frames(other, junk)
+    assert "overwrite" not in str(err.value).replace(str(junk), "")  # the message must not point at the flag that deletes
+
+
+def _files(root):
+    return sorted((p.relative_to(root).as_posix(), p.read_bytes()) for p in root.rglob("*") if p.is_file())
+
+
+def test_overwrite_never_deletes_what_diffdask_did_not_write(tmp_path, photon_stack):
+    """A user's directory or a foreign Zarr store survives save_frames(..., overwrite=True) intact."""
+    import zarr
+
+    user = tmp_path / "my_data"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("beamtime notes")
+    (user / "sub" / "scan.h5").write_bytes(b"\x89HDF not really")
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(foreign, mode="w", zarr_format=3).create_array("x", shape=(3,), dtype="f4")[:] = 1.0
+    for target, message in ((user, "not a diffdask store"), (foreign, "diffdask did not write")):
+        before = _files(target)
+        for overwrite in (False, True):
+            with pytest.raises(dd.StoreExistsError, match=message) as err:
+                save_frames(photon_stack, target, batch_frames=16, overwrite=overwrite)
+            assert "overwrite" not in str(err.value).replace(str(target), "")
+        assert _files(target) == before, target
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert save_frames(photon_stack, empty, batch_frames=16, overwrite=True).sizes["frame"] == 70
 
 
 def test_nonfinite_pixels_are_counted_kept_and_warned(tmp_path, photon_stack):
@@ -234,3 +262,47 @@ def test_results_made_with_other_parameters_are_refused_not_resumed(tmp_path, ph
         save_results((total * 2).to_dataset().assign_attrs(threshold=2.0), path, "hits")
     back = save_results((total * 2).to_dataset().assign_attrs(threshold=2.0), path, "hits", overwrite=True)
     assert back.attrs["threshold"] == 2.0 and np.array_equal(back.total.values, 2 * total.values)
+
+
+def _shard(path, b):
+    return Path(path) / "frames" / "c" / str(b) / "0" / "0"
+
+
+def test_all_zero_shards_are_written_and_read_back(tmp_path, photon_stack):
+    frames = photon_stack.frames.values.copy()
+    frames[16:32] = 0  # one whole batch of empty frames
+    stack = dd.make_frame_stack(frames, mask=photon_stack.mask.values)
+    store = tmp_path / "zeros.zarr"
+    save_frames(stack, store, batch_frames=16)
+    assert all(_shard(store, b).is_file() for b in range(5))
+    np.testing.assert_array_equal(open_frames(store).frames.values, frames)
+
+
+def test_a_deleted_shard_is_an_error_naming_the_frames_never_zeros(tmp_path, photon_stack):
+    store = tmp_path / "run.zarr"
+    save_frames(photon_stack, store, batch_frames=16)
+    _shard(store, 2).unlink()
+    ds = open_frames(store)
+    with pytest.raises(dd.IncompleteStoreError, match=r"frames 32–47 .*re-ingest"):
+        dd.summarize(ds, threshold=0.5).compute()
+    with pytest.raises(dd.IncompleteStoreError, match=r"frames 32–47"):
+        save_results(dd.summarize(ds, threshold=0.5), store, "summary")
+    assert "summary" not in list_results(store)  # nothing computed from the lost frames is kept
+    # The frames that are there still read.
+    np.testing.assert_array_equal(ds.frames[:32].values, photon_stack.frames.values[:32])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_shard_is_a_store_format_error_naming_the_frames(tmp_path, photon_stack, damage):
+    store = tmp_path / "run.zarr"
+    save_frames(photon_stack, store, batch_frames=16)
+    shard = _shard(store, 1)
+    raw = bytearray(shard.read_bytes())
+    if damage == "flip":
+        for i in range(8, len(raw) - 64, max(1, len(raw) // 16)):
+            raw[i] ^= 0xFF
+    else:
+        raw = raw[: len(raw) // 2]
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(dd.StoreFormatError, match=r"frames 16–31 of array 'frames'.*re-copy"):
+        open_frames(store).frames.values

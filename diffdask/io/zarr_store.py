@@ -143,15 +143,18 @@ def _prepare(
     """Pre-allocate ``group`` (or find it allocated by an earlier run); return the pending batches."""
     layout = _layout(ds, batch)
     root_exists = loc.exists()
+    if root_exists and loc.is_hdf5_file():
+        raise StoreExistsError(f"{loc.url!r} is an HDF5 file; write the Zarr store to another path.")
+    if root_exists and group == "" and loc.fs.ls(loc.fs_path) and not _is_diffdask_store(loc):
+        # Never delete (overwrite) or mix into what diffdask did not write.
+        what = "a Zarr store that diffdask did not write" if _is_zarr_group(loc) else "not a diffdask store"
+        raise StoreExistsError(
+            f"{loc.url!r} exists and is {what}; diffdask never replaces or deletes data it did not "
+            "write. Choose another (new or empty) path for the store."
+        )
     if group == "" and overwrite:
         root = _open_group(loc, "w")
-    elif root_exists and loc.is_hdf5_file():
-        raise StoreExistsError(f"{loc.url!r} is an HDF5 file; write the Zarr store to another path.")
     else:
-        if root_exists and group == "" and not _is_zarr_group(loc) and loc.fs.ls(loc.fs_path):
-            raise StoreExistsError(
-                f"{loc.url!r} exists and is not a Zarr store; choose another path or pass overwrite=True."
-            )
         root = _open_group(loc, "a")
     g = root if group == "" else root.require_group(group)
     meta = g.attrs.get(BOOKKEEPING_ATTR)
@@ -198,13 +201,25 @@ def _prepare(
     if coords:
         attrs["coordinates"] = " ".join(coords)
     attrs["diffdask_version"] = _version()
-    attrs[BOOKKEEPING_ATTR] = {"format": FORMAT_VERSION, "layout": layout, "complete": False}
+    attrs[BOOKKEEPING_ATTR] = {
+        "format": FORMAT_VERSION, "layout": layout, "complete": False, "every_shard_written": True,
+    }  # fmt: skip
     g.attrs.update(attrs)
     return _plan_for(ds, loc, group, batch), list(range(n_batches))
 
 
 def _is_zarr_group(loc: Location) -> bool:
     return bool(loc.fs.exists(loc.join("zarr.json")))
+
+
+def _is_diffdask_store(loc: Location) -> bool:
+    """True for a Zarr group whose root metadata carries diffdask's bookkeeping."""
+    if not _is_zarr_group(loc):
+        return False
+    try:
+        return BOOKKEEPING_ATTR in _open_group(loc, "r").attrs
+    except Exception:  # unreadable metadata: not recognisably ours, so not ours to delete
+        return False
 
 
 def _plan_for(ds: xr.Dataset, loc: Location, group: str, batch: int) -> _Plan:
@@ -222,7 +237,8 @@ def _write_batch(plan: _Plan, index: int, blocks: Mapping[str, Any]) -> int:
         values = np.asarray(block)
         if name == plan.count_nonfinite:
             n_nonfinite = int(values.size - np.count_nonzero(np.isfinite(values)))
-        g[name][start:stop] = values
+        # Every shard is written, all-zero ones too, so a missing shard file means lost data.
+        g[name].with_config({"write_empty_chunks": True})[start:stop] = values
     # Marking done last: a batch killed before this line is rewritten by the next run.
     g[f"{BOOKKEEPING_GROUP}/done"][index] = n_nonfinite
     return n_nonfinite
@@ -306,8 +322,10 @@ def save_frames(
     store : str or os.PathLike
         Local path or fsspec URL (``s3://bucket/run.zarr``).
     overwrite : bool
-        Replace a store that holds something else. Without it, a store written by an
+        Replace a diffdask store that holds something else. Without it, a store written by an
         identical, unfinished save is resumed and anything else raises `StoreExistsError`.
+        A path holding anything diffdask did not write (user files, a foreign Zarr store) is
+        never deleted, with or without ``overwrite``: `StoreExistsError`.
     batch_frames : int, optional
         Frames per write batch = per shard.
     inner_frames : int, optional
@@ -453,8 +471,55 @@ def _open_dataset(loc: Location, group: str, allow_incomplete: bool, chunks: int
     if meta is not None:
         ds.attrs.pop(BOOKKEEPING_ATTR, None)
         ds.encoding["diffdask"] = meta
+        if meta.get("every_shard_written") and meta.get("complete") and "frames" in ds:
+            ds = _verified(ds, loc, group, g["frames"], int(meta["layout"]["batch_frames"]))
     ds.encoding["source"] = loc.url
     return ds
+
+
+class _VerifiedFrames:
+    """The frames of a complete diffdask store, read so that lost or damaged data is an error.
+
+    Zarr reads a missing shard as its fill value and reports a damaged one with a codec's own
+    message; here a missing shard of a batch marked written is an `IncompleteStoreError` and a
+    shard that fails to decode (checksum, decompression) a `StoreFormatError`, both naming the
+    store, the array and the frames, with the fix.
+    """
+
+    def __init__(self, loc: Location, path: str, array: zarr.Array, batch: int) -> None:
+        self.loc, self.path, self.array, self.batch = loc, path, array, batch
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def _frames(self, start: int, stop: int) -> str:
+        return f"frames {start}–{stop - 1} of array {self.path!r} in {self.loc.url!r}"
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        start, stop, _ = key[0].indices(self.shape[0]) if isinstance(key[0], slice) else (key[0], key[0] + 1, 1)
+        for b in range(start // self.batch, -(-stop // self.batch)):
+            shard = self.array.metadata.encode_chunk_key((b,) + (0,) * (self.ndim - 1))
+            if not self.loc.fs.exists(self.loc.join(self.path, shard)):
+                lo, hi = b * self.batch, min(self.shape[0], (b + 1) * self.batch)
+                raise IncompleteStoreError(
+                    f"{self._frames(lo, hi)} are missing (shard {shard!r} is gone although its batch was "
+                    "written): re-copy the store from its source, or re-ingest those frames."
+                )
+        try:
+            return np.asarray(self.array[key])
+        except Exception as err:  # codec and checksum failures come as several exception types
+            raise StoreFormatError(
+                f"{self._frames(start, stop)} cannot be decoded ({type(err).__name__}: {err}); the shard "
+                "is corrupt or truncated: re-copy the store from its source, or re-ingest those frames."
+            ) from err
+
+
+def _verified(ds: xr.Dataset, loc: Location, group: str, array: zarr.Array, batch: int) -> xr.Dataset:
+    path = "/".join(p for p in (group, "frames") if p)
+    lazy = ds["frames"]
+    frames = da.from_array(
+        _VerifiedFrames(loc, path, array, batch), chunks=lazy.data.chunks, name=f"verified-{lazy.data.name}"
+    )
+    return ds.assign(frames=(lazy.dims, frames, lazy.attrs))
 
 
 def open_frames(
