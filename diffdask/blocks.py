@@ -79,6 +79,7 @@ def generate_frames(
     if n_frames < 1 or chunk_frames < 1:
         raise ParameterError(f"n_frames and chunk_frames must be ≥ 1, got {n_frames}, {chunk_frames}.")
     specs = _check_outputs(outputs)
+    _check_size(n_frames, chunk_frames, specs)
     kwargs = dict(kwargs or {})
     prefix = name or getattr(kernel, "__name__", "generate")
     token = tokenize(kernel, n_frames, chunk_frames, specs, kwargs)
@@ -99,6 +100,34 @@ def generate_frames(
         chunks = (chunks0,) + tuple((s,) for s in tail)
         result[out] = da.Array(g, oname, chunks, meta=np.empty((0,) * (1 + len(tail)), dtype=dtype))
     return result
+
+
+#: Most tasks one generated array may have: the graph is built in the client's memory
+#: (about 1 KiB per task), so 10⁶ tasks already take about a GiB.
+MAX_TASKS = 1_000_000
+
+
+def _check_size(n_frames: int, chunk_frames: int, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Refuse, before any work, a job whose graph or chunks cannot fit in memory."""
+    import psutil
+
+    n_chunks = -(-n_frames // chunk_frames)
+    if n_chunks > MAX_TASKS:
+        raise ParameterError(
+            f"{n_frames:,} frames in chunks of {chunk_frames:,} make {n_chunks:,} tasks, more than the "
+            f"{MAX_TASKS:,} a graph can hold in memory; use larger chunks or split the job into runs of at "
+            f"most {MAX_TASKS * chunk_frames:,} frames."
+        )
+    chunk_bytes = min(chunk_frames, n_frames) * sum(
+        int(np.prod(tail, dtype=np.float64)) * dtype.itemsize for tail, dtype in specs.values()
+    )
+    available = psutil.virtual_memory().available
+    if chunk_bytes > available / 2:
+        raise ParameterError(
+            f"one chunk of {min(chunk_frames, n_frames):,} frames needs {chunk_bytes / 2**30:,.1f} GiB, more than "
+            f"half the {available / 2**30:,.1f} GiB of memory available here; use fewer frames per chunk or a "
+            "smaller detector."
+        )
 
 
 def _frame_blocks(frames: da.Array) -> da.Array:

@@ -59,6 +59,42 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+#: Bytes a Dask scheduler's TCP handshake starts with: its frame count and lengths, then msgpack.
+_HANDSHAKE_MARK = b"compression"
+
+
+def _check_is_scheduler(address: str, timeout: float) -> None:
+    """Refuse a TCP endpoint that accepts connections but does not speak Dask.
+
+    distributed's connect timeout covers the TCP connect only: something else listening there
+    (an HTTP server, the dashboard port) leaves the client waiting for a handshake forever. A
+    scheduler sends its handshake as soon as it accepts, so one read with a timeout tells.
+    """
+    import socket
+
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "tcp") or ":" not in rest:
+        return  # TLS, UCX and in-process addresses: left to distributed
+    host, _, port = rest.rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except ValueError:
+        raise ClusterError(f"{address!r} is not a scheduler address; use tcp://HOST:PORT.") from None
+    except OSError:
+        return  # unreachable: distributed reports it below, with its own reason
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            first = sock.recv(256)
+        except OSError:  # including the read timeout
+            first = b""
+    if _HANDSHAKE_MARK not in first:
+        raise ClusterError(
+            f"{address!r} accepts connections but is not a Dask scheduler (no Dask handshake within "
+            f"{timeout} s). Check the port: the scheduler usually listens on 8786, its dashboard on 8787."
+        )
+
+
 def connect(
     address: str | None = None,
     scheduler_file: str | None = None,
@@ -121,6 +157,7 @@ def connect(
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"could not reach the scheduler in {scheduler_file!r}: {exc}") from exc
     if address is not None:
+        _check_is_scheduler(address, timeout)
         try:
             return Client(address, timeout=timeout)
         except (OSError, TimeoutError, ValueError) as exc:

@@ -99,6 +99,14 @@ def make_frame_stack(
                 f"mask shape {m.shape} differs from the frame shape {arr.shape[1:]}; "
                 "the mask is one (y, x) array of the detector, True = good pixel."
             )
+        if m.dtype != bool:
+            values = np.unique(m) if m.dtype.kind in "biuf" else None
+            if values is None or not np.isin(values, (0, 1)).all():
+                raise SchemaError(
+                    f"mask must be bool or 0/1 (True/1 = good pixel), got dtype {m.dtype}"
+                    + (f" with values such as {values[~np.isin(values, (0, 1))][:3].tolist()}" if values is not None else "")
+                    + "; threshold a weight map yourself, e.g. mask=weights > 0.5."
+                )
         data_vars["mask"] = (MASK_DIMS, m.astype(bool))
     for name, value in (per_frame or {}).items():
         v = value.rechunk({0: n}) if isinstance(value, da.Array) else np.asarray(value)

@@ -7,7 +7,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from diffdask import ParameterError, map_frames, pair_blocks, reduce_frames
+from diffdask import ParameterError, generate_frames, map_frames, pair_blocks, reduce_frames
 
 RNG = np.random.default_rng(7)
 FRAMES = RNG.random((53, 6, 5))
@@ -154,3 +154,13 @@ def test_patterns_run_on_a_distributed_cluster(client):
     shifted = map_frames(_shifted, da.from_array(FRAMES, chunks=8), {"value": ((), "f8")}, kwargs={"scale": 1.0},
                          per_frame={"start": da.from_array(start, chunks=(20, 2))})
     assert np.allclose(shifted["value"].compute(), FRAMES.sum(axis=(1, 2)) + start[:, 0] - start[:, 1])
+
+
+def test_jobs_too_big_for_memory_are_refused_before_any_work():
+    def never(start, stop):
+        raise AssertionError("no chunk may be made")
+
+    with pytest.raises(ParameterError, match="tasks, more than"):
+        generate_frames(never, 10**12, 1000, {"frames": ((128, 128), np.uint16)})
+    with pytest.raises(ParameterError, match="GiB, more than half"):
+        generate_frames(never, 10, 1, {"frames": ((200_000, 200_000), np.float32)})

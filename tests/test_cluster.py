@@ -59,3 +59,27 @@ def test_unreachable_or_missing_schedulers_are_clear_errors(tmp_path, monkeypatc
     monkeypatch.delenv(SCHEDULER_ENV)
     with pytest.raises(ClusterError, match="≥ 1"):
         connect(n_workers=0)
+
+
+def test_an_endpoint_that_is_not_a_scheduler_is_a_quick_clear_error():
+    """A real HTTP server on loopback where the scheduler should be: no hang, one clear error."""
+    import http.server
+    import threading
+    import time
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        t0 = time.time()
+        with pytest.raises(ClusterError, match="not a Dask scheduler.*8786"):
+            connect(f"tcp://127.0.0.1:{server.server_address[1]}", timeout=2)
+        assert time.time() - t0 < 10
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_real_scheduler_passes_the_handshake_check(cluster):
+    with connect(cluster.scheduler_address, timeout=5) as client:
+        assert client.submit(pow, 3, 3).result() == 27

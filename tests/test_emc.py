@@ -205,6 +205,8 @@ def test_bad_emc_inputs_are_clear_errors(tmp_path, dragonfly_stack):
         EMC2D(6, 24).run(dragonfly_stack, 1, start_models=np.ones((6, 64, 64)))
     with pytest.raises(dd.ParameterError, match="fraction"):
         bootstrap(dragonfly_stack, fraction=1.5)
+    with pytest.raises(dd.ParameterError, match="7 classes for 6 frames"):
+        EMC2D(7, 24).run(dragonfly_stack.isel(frame=slice(0, 6)), 1)
     # photons and detector with different pixel counts
     sub = dragonfly_stack.isel(frame=slice(0, 10))
     write_emc(sub, str(tmp_path / "p.emc"))

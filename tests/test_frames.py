@@ -97,3 +97,13 @@ def test_lazy_stacks_are_not_read_by_validate():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dd.make_frame_stack(lazy)
+
+
+def test_a_mask_that_is_not_bool_or_0_1_is_refused_not_rounded():
+    frames = np.ones((2, 3, 4), np.float32)
+    with pytest.raises(dd.SchemaError, match=r"bool or 0/1.*0\.5.*weights > 0\.5"):
+        dd.make_frame_stack(frames, mask=np.full((3, 4), 0.5))
+    with pytest.raises(dd.SchemaError, match="bool or 0/1"):
+        dd.make_frame_stack(frames, mask=np.full((3, 4), "yes"))
+    ones = dd.make_frame_stack(frames, mask=np.array([[1, 0, 1, 1]] * 3, dtype=np.uint8))
+    assert ones.mask.dtype == bool and int(ones.mask.sum()) == 9

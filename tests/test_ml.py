@@ -115,6 +115,15 @@ def test_weights_round_trip_and_unsafe_or_broken_files_are_refused(tmp_path):
     (tmp_path / "evil.json").write_text((tmp_path / "head.json").read_text())
     with pytest.raises(ModelFileError, match="pickled"):
         load_model(tmp_path / "evil.pt")
+    # Random bytes are called what they are: not a weights file (not "pickled objects").
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "noise.json").write_text((tmp_path / "head.json").read_text())
+    with pytest.raises(ModelFileError, match="not a torch weights file"):
+        load_model(tmp_path / "noise.pt")
+    (tmp_path / "half.pt").write_bytes((tmp_path / "head.pt").read_bytes()[:200])
+    (tmp_path / "half.json").write_text((tmp_path / "head.json").read_text())
+    with pytest.raises(ModelFileError, match="cannot be read|not a torch"):
+        load_model(tmp_path / "half.pt")
     (tmp_path / "head.json").write_text((tmp_path / "head.json").read_text().replace('"out_features": 3', '"out_features": 4'))
     with pytest.raises(ModelFileError, match="do not fit"):
         load_model(tmp_path / "head.pt")

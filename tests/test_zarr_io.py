@@ -306,3 +306,13 @@ def test_a_corrupt_shard_is_a_store_format_error_naming_the_frames(tmp_path, pho
     shard.write_bytes(bytes(raw))
     with pytest.raises(dd.StoreFormatError, match=r"frames 16–31 of array 'frames'.*re-copy"):
         open_frames(store).frames.values
+
+
+def test_a_deleted_mask_is_reported_as_missing_not_as_an_inverted_mask(tmp_path, photon_stack):
+    store = tmp_path / "run.zarr"
+    save_frames(photon_stack, store, batch_frames=16)
+    for chunk in (Path(store) / "mask" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    with pytest.raises(dd.IncompleteStoreError, match="array 'mask' .* chunks missing"):
+        open_frames(store)

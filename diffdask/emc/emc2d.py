@@ -283,6 +283,12 @@ class _EMCJob:
 
     def __init__(self, emc: EMC2D, ds: xr.Dataset, n_runs: int, member: np.ndarray | None = None) -> None:
         validate(ds)
+        n_frames = int(ds.sizes["frame"])
+        if emc.n_classes > n_frames:
+            raise ParameterError(
+                f"{emc.n_classes} classes for {n_frames} frames: every class needs frames to average; "
+                f"use at most {n_frames} classes (a few frames per class at the least)."
+            )
         self.emc = emc
         det = EMCDetector.from_dataset(ds)
         corr_mean = float(EMCDetector.from_dataset(ds, all_pixels=True).corr.mean())

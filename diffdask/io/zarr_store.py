@@ -192,7 +192,7 @@ def _prepare(
             attributes=_jsonable(dict(var.attrs)),
         )
         if "frame" not in var.dims:
-            arr[...] = np.asarray(var.values)
+            arr.with_config({"write_empty_chunks": True})[...] = np.asarray(var.values)
     n_batches = max(1, -(-layout["n_frames"] // batch))
     bk = g.require_group(BOOKKEEPING_GROUP)
     bk.create_array("done", shape=(n_batches,), chunks=(1,), dtype="int64", fill_value=-1, overwrite=True)
@@ -471,8 +471,10 @@ def _open_dataset(loc: Location, group: str, allow_incomplete: bool, chunks: int
     if meta is not None:
         ds.attrs.pop(BOOKKEEPING_ATTR, None)
         ds.encoding["diffdask"] = meta
-        if meta.get("every_shard_written") and meta.get("complete") and "frames" in ds:
-            ds = _verified(ds, loc, group, g["frames"], int(meta["layout"]["batch_frames"]))
+        if meta.get("every_shard_written") and meta.get("complete"):
+            _check_chunks(loc, group, g)
+            if "frames" in ds:
+                ds = _verified(ds, loc, group, g["frames"], int(meta["layout"]["batch_frames"]))
     ds.encoding["source"] = loc.url
     return ds
 
@@ -511,6 +513,19 @@ class _VerifiedFrames:
                 f"{self._frames(start, stop)} cannot be decoded ({type(err).__name__}: {err}); the shard "
                 "is corrupt or truncated: re-copy the store from its source, or re-ingest those frames."
             ) from err
+
+
+def _check_chunks(loc: Location, group: str, g: zarr.Group) -> None:
+    """Every chunk of the group's small arrays (mask, per-frame variables) must be stored."""
+    for name, arr in g.arrays():
+        if name == "frames" or arr.nchunks_initialized == arr.nchunks:
+            continue
+        path = "/".join(p for p in (group, name) if p)
+        raise IncompleteStoreError(
+            f"array {path!r} of {loc.url!r} has {arr.nchunks - arr.nchunks_initialized} of its {arr.nchunks} "
+            "chunks missing although the store was completed: re-copy the store from its source, or "
+            "write it again."
+        )
 
 
 def _verified(ds: xr.Dataset, loc: Location, group: str, array: zarr.Array, batch: int) -> xr.Dataset:

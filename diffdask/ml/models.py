@@ -106,6 +106,14 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, ModelS
         spec = ModelSpec(**json.loads(sidecar.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ModelFileError(f"{str(sidecar)!r} is not a diffdask model sidecar: {exc}") from exc
+    with open(weights, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise ModelFileError(
+            f"{str(weights)!r} is not a torch weights file (torch.save writes a zip archive; this is "
+            "something else, or a truncated or corrupt copy). Copy it again, or save models with "
+            "diffdask.ml.save_model."
+        )
     try:
         state = torch.load(weights, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
