@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -26,11 +27,24 @@ def _fail_clearly(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
         try:
             return func(*args, **kwargs)
         except DiffdaskError as exc:
+            if debug:
+                raise
             console.print(f"[bold red]error:[/] {exc}", highlight=False)
             sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a library's own error: one line here, the traceback with --debug
+            if debug:
+                raise
+            console.print(
+                f"[bold red]error:[/] {type(exc).__name__}: {exc} (run `diffdask --debug ...` for the traceback)",
+                highlight=False,
+            )
+            sys.exit(1)
 
     return wrapper
 
@@ -76,8 +90,11 @@ def run_with_progress(client: Any, job: Any) -> Any:
 
 @click.group()
 @click.version_option(package_name="diffdask")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
     """diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
+    # Advice meant for library authors (scatter large arguments); nothing a CLI user can act on.
+    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
 
 
 @main.command()

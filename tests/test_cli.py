@@ -96,3 +96,18 @@ def test_ingest_overwrite_into_a_users_directory_deletes_nothing(tmp_path):
     assert "Traceback" not in result.output and "--overwrite" not in result.output.split("error:")[-1]
     assert sorted(p.name for p in users.iterdir()) == ["analysis.py"]
     assert (users / "analysis.py").read_text() == "print('mine')"
+
+
+def test_a_damaged_store_is_one_line_and_debug_keeps_the_traceback(tmp_path):
+    write_demo_cxi(str(tmp_path / "run.cxi"), n_frames=20, shape=(16, 16), seed=2)
+    runner = CliRunner()
+    store = tmp_path / "run.zarr"
+    assert runner.invoke(main, ["ingest", str(tmp_path / "run.cxi"), str(store), "--batch-frames", "10",
+                                "--workers", "1"]).exit_code == 0
+    shard = store / "frames" / "c" / "1" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:40])
+    result = runner.invoke(main, ["reduce", str(store), "--threshold", "0.5", "--workers", "1"])
+    assert result.exit_code == 2, result.output
+    assert "frames 10–19" in result.output and "Traceback" not in result.output
+    debug = runner.invoke(main, ["--debug", "reduce", str(store), "--threshold", "0.5", "--workers", "1"])
+    assert isinstance(debug.exception, dd.StoreFormatError)

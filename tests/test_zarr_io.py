@@ -316,3 +316,49 @@ def test_a_deleted_mask_is_reported_as_missing_not_as_an_inverted_mask(tmp_path,
             chunk.unlink()
     with pytest.raises(dd.IncompleteStoreError, match="array 'mask' .* chunks missing"):
         open_frames(store)
+
+
+def test_a_failed_overwrite_leaves_the_old_store_readable(tmp_path, photon_stack):
+    store = tmp_path / "run.zarr"
+    save_frames(photon_stack, store, batch_frames=16)
+    other = photon_stack.isel(frame=slice(0, 50)).copy()
+    other["frames"] = other.frames + 1
+    with dask.config.set(scheduler="sync"), pytest.raises(RuntimeError, match="detector readout failed"):
+        save_frames(_failing(other.chunk({"frame": 10}), bad_block=2), store, batch_frames=10, overwrite=True)
+    old = open_frames(store)  # still the old, complete store
+    assert old.sizes["frame"] == 70
+    np.testing.assert_array_equal(old.frames.values, photon_stack.frames.values)
+    new = save_frames(other, store, batch_frames=10, overwrite=True)  # the re-run finishes the swap
+    assert new.sizes["frame"] == 50
+    np.testing.assert_array_equal(open_frames(store).frames.values, other.frames.values)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.zarr"]  # no staging copy left behind
+
+
+WRITER = """
+import sys, time
+import numpy as np
+import diffdask as dd
+ds = dd.make_frame_stack(np.ones((20, 8, 8), np.uint16))
+dd.save_frames(ds, sys.argv[1], batch_frames=10, compute=False)  # claims the store, writes nothing yet
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, photon_stack):
+    import subprocess
+    import sys
+
+    store = tmp_path / "run.zarr"
+    first = subprocess.Popen([sys.executable, "-c", WRITER, str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "claimed"
+        with pytest.raises(dd.StoreExistsError, match=rf"another job .*pid {first.pid}"):
+            save_frames(photon_stack, store, batch_frames=16)
+    finally:
+        first.kill()
+        first.wait()
+    # The first writer is gone (killed mid-job): its lock is stale and the store is taken over.
+    out = save_frames(photon_stack, store, batch_frames=16, overwrite=True)
+    assert out.sizes["frame"] == 70
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.zarr"]

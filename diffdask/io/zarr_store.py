@@ -19,7 +19,14 @@ failed append resizes arrays and drops consolidated metadata.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
+import os
+import shutil
+import socket
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import psutil
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
@@ -108,6 +116,7 @@ class _Plan:
     batch: int
     frame_vars: tuple[str, ...]
     count_nonfinite: str | None
+    replaces: Location | None = None  # a store this one is swapped into when complete
 
     def bounds(self, i: int) -> tuple[int, int]:
         return i * self.batch, min((i + 1) * self.batch, self.n_frames)
@@ -244,7 +253,7 @@ def _write_batch(plan: _Plan, index: int, blocks: Mapping[str, Any]) -> int:
     return n_nonfinite
 
 
-def _finish(plan: _Plan, _written: list[int]) -> dict[str, Any]:
+def _finish(plan: _Plan, _written: list[int], lock: str | None = None) -> dict[str, Any]:
     """Mark the group complete once every batch is done; consolidate the store's metadata."""
     g = _open_group(plan.location, "r+", plan.group)
     done = np.asarray(g[f"{BOOKKEEPING_GROUP}/done"][:])
@@ -259,7 +268,63 @@ def _finish(plan: _Plan, _written: list[int]) -> dict[str, Any]:
         # Consolidated metadata is not yet in the Zarr v3 spec; zarr-python and xarray read it.
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(_open_group(plan.location, "r+").store)
+    if plan.replaces is not None:
+        _swap(plan.location, plan.replaces)
+    if lock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
     return meta
+
+
+def _take_lock(loc: Location) -> str | None:
+    """Claim a local store for this process's write job; refuse a store another live job writes.
+
+    The lock is a small JSON file beside the store (``.NAME.diffdask-lock``: host, pid, time);
+    the job's last task removes it. A lock left by a process that is gone (same host, pid not
+    running) is taken over; one from another host must be removed by hand.
+    """
+    if not loc.is_local:
+        return None
+    head, name = os.path.split(loc.fs_path.rstrip("/"))
+    path = os.path.join(head, f".{name}.diffdask-lock")
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(head, exist_ok=True)
+    for _ in range(2):
+        try:
+            with open(path, "x") as f:
+                json.dump(me, f)
+            return path
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    other = json.load(f)
+            except (OSError, ValueError):
+                other = {}
+            mine = other.get("host") == me["host"] and other.get("pid") == me["pid"]
+            if mine or (other.get("host") == me["host"] and not psutil.pid_exists(int(other.get("pid", -1)))):
+                os.remove(path)  # our own earlier job in this process, or one that died
+                continue
+            raise StoreExistsError(
+                f"{loc.url!r} is being written by another job (host {other.get('host')!r}, pid "
+                f"{other.get('pid')}, since {other.get('since')}); wait for it to finish. If that job is "
+                f"gone, remove {path!r}."
+            )
+    raise StoreExistsError(f"could not claim {loc.url!r} for writing: {path!r} keeps coming back.")
+
+
+def _staging(loc: Location) -> Location:
+    """Where the replacement of a local store is written: a hidden sibling, fixed by the name."""
+    head, name = os.path.split(loc.fs_path.rstrip("/"))
+    return Location.of(os.path.join(head, f".{name}.diffdask-replacing"))
+
+
+def _swap(new: Location, old: Location) -> None:
+    """Put the complete store ``new`` in place of ``old``; until the first rename, ``old`` is intact."""
+    retired = f"{_staging(old).fs_path}-old"
+    shutil.rmtree(retired, ignore_errors=True)
+    os.rename(old.fs_path, retired)
+    os.rename(new.fs_path, old.fs_path)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _batched_write(
@@ -271,7 +336,25 @@ def _batched_write(
     frames_chunk: tuple[int, int] | None,
     clevel: int,
 ) -> Any:
-    plan, pending = _prepare(ds, loc, group, batch, overwrite, frames_chunk, clevel)
+    lock = _take_lock(loc)
+    try:
+        if group == "" and overwrite and loc.is_local and _is_diffdask_store(loc):
+            # Replacing a store: the new one is written beside it and swapped in when complete, so a
+            # failed or killed overwrite leaves the old store readable (and a re-run resumes).
+            staging = _staging(loc)
+            if staging.exists() and not _is_diffdask_store(staging):
+                raise StoreExistsError(f"{staging.url!r} is in the way of replacing {loc.url!r}; move it away.")
+            try:
+                plan, pending = _prepare(ds, staging, "", batch, False, frames_chunk, clevel)
+            except StoreExistsError:  # an abandoned replacement of other data: ours to replace
+                plan, pending = _prepare(ds, staging, "", batch, True, frames_chunk, clevel)
+            plan = dataclasses.replace(plan, replaces=loc)
+        else:
+            plan, pending = _prepare(ds, loc, group, batch, overwrite, frames_chunk, clevel)
+    except BaseException:
+        if lock is not None:
+            os.remove(lock)
+        raise
     blocks: dict[str, np.ndarray] = {}
     for name in plan.frame_vars:
         data = ds.variables[name].data
@@ -285,7 +368,7 @@ def _batched_write(
         dask.delayed(_write_batch, pure=False)(plan, i, {n: b[i] for n, b in blocks.items()})
         for i in pending
     ]
-    return dask.delayed(_finish, pure=False)(plan, writes)
+    return dask.delayed(_finish, pure=False)(plan, writes, lock)
 
 
 def _batch_size(ds: xr.Dataset, batch_frames: int | None) -> int:
@@ -325,7 +408,9 @@ def save_frames(
         Replace a diffdask store that holds something else. Without it, a store written by an
         identical, unfinished save is resumed and anything else raises `StoreExistsError`.
         A path holding anything diffdask did not write (user files, a foreign Zarr store) is
-        never deleted, with or without ``overwrite``: `StoreExistsError`.
+        never deleted, with or without ``overwrite``: `StoreExistsError`. A local store is
+        replaced by writing the new one beside it (``.NAME.diffdask-replacing``) and swapping
+        it in when complete, so a failed overwrite leaves the old store readable.
     batch_frames : int, optional
         Frames per write batch = per shard.
     inner_frames : int, optional

@@ -37,7 +37,7 @@ ERROR_MODELS = (None, "poisson")
 def _radial_map(ds: xr.Dataset, unit: str, center: Any) -> np.ndarray:
     shape = tuple(ds["frames"].shape[1:])
     geometry = get_geometry(ds)
-    if unit not in RADIAL_UNITS:
+    if not isinstance(unit, str) or unit not in RADIAL_UNITS:
         raise ParameterError(f"unit must be one of {sorted(RADIAL_UNITS)}, got {unit!r}.")
     if unit == "r_px":
         return pixel_radius_map(shape, resolve_center(shape, geometry, center))

@@ -111,6 +111,8 @@ def build_plan(mask: Any, bin_index: Any = None, n_bins: int = 0) -> BinPlan:
     """
     mask = check_mask(mask)
     ny, nx = mask.shape
+    if n_bins > MAX_BINS:
+        raise ParameterError(f"{n_bins} bins are more than the kernel holds ({MAX_BINS}); use fewer.")
     if bin_index is None:
         index = np.full(mask.shape, -1, dtype=np.int64)
         n_bins = 0
@@ -185,6 +187,8 @@ def radial_bins(
 
 def check_positive(name: str, value: Any, units: str) -> float:
     """A finite, strictly positive float parameter."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ParameterError(f"{name} must be a number of {units}, got {value!r}.")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -194,10 +198,17 @@ def check_positive(name: str, value: Any, units: str) -> float:
     return v
 
 
+#: Most bins a plan may have: the kernel keeps 2 × 8 float64 accumulators per bin (and as many
+#: for variances), 0.5 GiB at this size — already far more bins than a detector has pixels.
+MAX_BINS = 2**22
+
+
 def check_count(name: str, value: Any) -> int:
-    """A positive integer parameter (a number of bins)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    """A positive integer parameter (a number of bins), at most `MAX_BINS`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ParameterError(f"{name} must be a positive integer, got {value!r}.")
+    if value > MAX_BINS:
+        raise ParameterError(f"{name} = {value} is more bins than the kernel holds ({MAX_BINS}); use fewer.")
     return int(value)
 
 
