@@ -109,8 +109,6 @@ MAX_TASKS = 1_000_000
 
 def _check_size(n_frames: int, chunk_frames: int, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
     """Refuse, before any work, a job whose graph or chunks cannot fit in memory."""
-    import psutil
-
     n_chunks = -(-n_frames // chunk_frames)
     if n_chunks > MAX_TASKS:
         raise ParameterError(
@@ -121,12 +119,28 @@ def _check_size(n_frames: int, chunk_frames: int, specs: Mapping[str, tuple[tupl
     chunk_bytes = min(chunk_frames, n_frames) * sum(
         int(np.prod(tail, dtype=np.float64)) * dtype.itemsize for tail, dtype in specs.values()
     )
+    check_fits_in_memory(
+        chunk_bytes, f"one chunk of {min(chunk_frames, n_frames):,} frames", "use fewer frames per chunk or a smaller detector"
+    )
+
+
+def check_fits_in_memory(nbytes: float, what: str, fix: str) -> None:
+    """Raise `ParameterError` before any work when ``what`` needs over half the free memory.
+
+    Parameters
+    ----------
+    nbytes : float
+        Bytes ``what`` will allocate at once.
+    what, fix : str
+        What needs the memory, and how to need less (both go into the message).
+    """
+    import psutil
+
     available = psutil.virtual_memory().available
-    if chunk_bytes > available / 2:
+    if nbytes > available / 2:
         raise ParameterError(
-            f"one chunk of {min(chunk_frames, n_frames):,} frames needs {chunk_bytes / 2**30:,.1f} GiB, more than "
-            f"half the {available / 2**30:,.1f} GiB of memory available here; use fewer frames per chunk or a "
-            "smaller detector."
+            f"{what} needs {nbytes / 2**30:,.1f} GiB, more than half the {available / 2**30:,.1f} GiB of memory "
+            f"available here; {fix}."
         )
 
 

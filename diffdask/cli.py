@@ -18,6 +18,8 @@ from rich.table import Table
 from diffdask.errors import DiffdaskError, StoreExistsError
 
 console = Console()
+#: Messages that must not mix into machine-readable output on stdout.
+err_console = Console(stderr=True)
 #: Seconds the command line waits for a remote scheduler.
 CONNECT_TIMEOUT_S = 5.0
 
@@ -61,7 +63,7 @@ workers_option = click.option(
 
 
 @contextmanager
-def _client(scheduler: str | None, workers: int | None) -> Any:
+def _client(scheduler: str | None, workers: int | None, quiet: bool = False) -> Any:
     from diffdask.cluster import connect
 
     # A few seconds is plenty for a reachable scheduler; a wrong address must fail fast, not hang.
@@ -70,7 +72,7 @@ def _client(scheduler: str | None, workers: int | None) -> Any:
     else:
         client = connect(address=scheduler, n_workers=workers, timeout=CONNECT_TIMEOUT_S)
     try:
-        console.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
+        (err_console if quiet else console).print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
         yield client
     finally:
         client.close()
@@ -169,12 +171,37 @@ def _format_bytes(n: float) -> str:
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--verify", is_flag=True, help="Also read every shard and report missing or corrupt ones (exit 1).")
+@scheduler_option
+@workers_option
 @_fail_clearly
-def info(store: str, as_json: bool) -> None:
-    """Describe the frame-stack store STORE (reads metadata only)."""
-    from diffdask.io import store_info
+def info(store: str, as_json: bool, verify: bool, scheduler: str | None, workers: int | None) -> None:
+    """Describe the frame-stack store STORE (reads metadata only; --verify reads every shard)."""
+    from diffdask.io import store_info, verify_store
 
     meta = store_info(store)
+    if verify:
+        with _client(scheduler, workers, quiet=as_json):
+            checks = verify_store(store)
+        bad = [c for c in checks if c["status"] != "ok"]
+        if as_json:
+            click.echo(json.dumps({**meta, "verify": checks}, indent=2, default=str))
+        else:
+            table = Table(title=f"shards of {meta['url']}")
+            for column in ("shard", "frames", "status"):
+                table.add_column(column)
+            for c in checks:
+                colour = "green" if c["status"] == "ok" else "red"
+                table.add_row(str(c["batch"]), f"{c['frames'][0]}–{c['frames'][1]}", f"[{colour}]{c['status']}[/]")
+            console.print(table)
+            console.print(
+                f"{len(checks) - len(bad)} of {len(checks)} shards ok"
+                + ("" if not bad else "; re-copy the store or re-ingest the frames listed above."),
+                highlight=False,
+            )
+        if bad:
+            sys.exit(1)
+        return
     if as_json:
         click.echo(json.dumps(meta, indent=2, default=str))
         return

@@ -111,3 +111,21 @@ def test_a_damaged_store_is_one_line_and_debug_keeps_the_traceback(tmp_path):
     assert "frames 10–19" in result.output and "Traceback" not in result.output
     debug = runner.invoke(main, ["--debug", "reduce", str(store), "--threshold", "0.5", "--workers", "1"])
     assert isinstance(debug.exception, dd.StoreFormatError)
+
+
+def test_info_verify_lists_missing_and_corrupt_shards(tmp_path):
+    write_demo_cxi(str(tmp_path / "run.cxi"), n_frames=40, shape=(16, 16), seed=4)
+    runner = CliRunner()
+    store = tmp_path / "run.zarr"
+    args = ["--workers", "1"]
+    assert runner.invoke(main, ["ingest", str(tmp_path / "run.cxi"), str(store), "--batch-frames", "10", *args]).exit_code == 0
+    clean = runner.invoke(main, ["info", str(store), "--verify", *args])
+    assert clean.exit_code == 0 and "4 of 4 shards ok" in clean.output, clean.output
+    (store / "frames" / "c" / "1" / "0" / "0").unlink()
+    shard = store / "frames" / "c" / "3" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:50])
+    result = runner.invoke(main, ["info", str(store), "--verify", "--json", *args])
+    assert result.exit_code == 1
+    checks = json.loads(result.stdout)["verify"]  # the dashboard line goes to stderr
+    assert [c["status"] for c in checks] == ["ok", "missing", "ok", "corrupt"]
+    assert checks[1]["frames"] == [10, 19] and checks[3]["frames"] == [30, 39]

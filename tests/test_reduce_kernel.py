@@ -330,3 +330,10 @@ def test_radial_bins_follow_the_stated_inequality():
             k = index[i, j]
             assert k * 0.1 <= r < (k + 1) * 0.1, (i, j, r, k)
     assert nb == index.max() + 1
+
+
+def test_an_empty_stack_gives_empty_results_not_a_crash():
+    ds = dd.make_frame_stack(np.zeros((0, 8, 9), np.float32))
+    s = dd.summarize(ds, threshold=1.0).compute()
+    assert s.sizes["frame"] == 0 and s.radial_profile.shape[0] == 0
+    assert dd.integrate1d(ds, 5, unit="r_px").compute().intensity.shape == (0, 5)

@@ -411,3 +411,11 @@ def test_same_bytes_on_a_two_process_cluster(client):
     with dask.config.set(scheduler="synchronous"):
         local = simulate_spi(30, geom, chunks=30, **kw).frames.values
     assert on_cluster.tobytes() == local.tobytes()
+
+
+def test_a_detector_too_big_for_memory_is_refused_before_any_allocation():
+    from diffdask import simulate_spi
+
+    huge = Geometry((200_000, 200_000), pixel_size_m=75e-6, distance_m=0.5, wavelength_m=1e-10)
+    with pytest.raises(ParameterError, match=r"200000×200000 detector needs .* GiB"):
+        simulate_spi(10, huge, seed=0)

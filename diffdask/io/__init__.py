@@ -9,6 +9,7 @@ from diffdask.io.zarr_store import (
     save_frames,
     save_results,
     store_info,
+    verify_store,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "save_frames",
     "save_results",
     "store_info",
+    "verify_store",
 ]

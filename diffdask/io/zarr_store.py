@@ -753,3 +753,45 @@ def store_info(path_or_url: Any, **storage_options: Any) -> dict[str, Any]:
         "per_frame": per_frame,
         "results": list_results(loc),
     }
+
+
+def _check_batch(frames: _VerifiedFrames, index: int) -> dict[str, Any]:
+    start, stop = index * frames.batch, min(frames.shape[0], (index + 1) * frames.batch)
+    try:
+        frames[start:stop]
+    except (IncompleteStoreError, StoreFormatError) as err:
+        status = "missing" if isinstance(err, IncompleteStoreError) else "corrupt"
+        return {"batch": index, "frames": [start, stop - 1], "status": status, "error": str(err)}
+    return {"batch": index, "frames": [start, stop - 1], "status": "ok", "error": ""}
+
+
+def verify_store(path_or_url: Any, **storage_options: Any) -> list[dict[str, Any]]:
+    """Read every frame shard of a store once and report which are missing or corrupt.
+
+    The reads are Dask tasks, one per shard, on the current scheduler (a whole pass over the
+    data). Use it after copying a store, or when a read has failed.
+
+    Returns
+    -------
+    list of dict
+        One entry per shard: ``batch``, ``frames`` ([first, last]), ``status`` ("ok",
+        "missing" or "corrupt") and ``error`` (the message, empty when ok).
+
+    Raises
+    ------
+    StoreNotFoundError, StoreFormatError, IncompleteStoreError
+        As `open_frames`, for a store that cannot be opened at all.
+    """
+    ds = open_frames(path_or_url, **storage_options)
+    loc = Location.of(path_or_url, storage_options)
+    meta = ds.encoding.get("diffdask") or {}
+    if not meta.get("every_shard_written"):
+        raise StoreFormatError(
+            f"{loc.url!r} was written by an older diffdask that skipped all-zero shards, so a missing "
+            "shard cannot be told from an empty one; rewrite it with save_frames to verify it."
+        )
+    frames = _VerifiedFrames(loc, "frames", _open_group(loc, "r")["frames"], int(meta["layout"]["batch_frames"]))
+    n_batches = -(-frames.shape[0] // frames.batch)
+    checks = [dask.delayed(_check_batch, pure=False)(frames, i) for i in range(n_batches)]
+    return list(dask.compute(*checks))
+

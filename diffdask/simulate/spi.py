@@ -26,7 +26,7 @@ import xarray as xr
 
 import diffdask
 from diffdask.backend import array_namespace, to_cpu
-from diffdask.blocks import generate_frames
+from diffdask.blocks import check_fits_in_memory, generate_frames
 from diffdask.errors import ParameterError
 from diffdask.frames import FRAME_DIMS, MASK_DIMS, frames_per_chunk, validate
 from diffdask.geometry import Geometry
@@ -353,6 +353,8 @@ def simulate_spi(
     fluence = check_positive("fluence_photons_per_m2", fluence_photons_per_m2, "photons/m²")
     jitter = None if fluence_jitter_shape is None else check_positive("fluence_jitter_shape", fluence_jitter_shape)
     shape = tuple(geometry.shape)
+    # About a dozen float64 maps of the detector are made below (positions, s, solid angle, ...).
+    check_fits_in_memory(12 * 8 * float(np.prod(shape)), f"a {shape[0]}×{shape[1]} detector", "use a smaller detector")
     if mask is None:
         good = np.ones(shape, dtype=bool)
     else:
