@@ -95,6 +95,23 @@ def _check_is_scheduler(address: str, timeout: float) -> None:
         )
 
 
+def _check_scheduler_file(path: str) -> None:
+    """A scheduler file must be the JSON that `dask scheduler --scheduler-file` writes."""
+    import json
+
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"scheduler file {path!r} cannot be read as JSON ({exc}); it may be half-written or "
+                           "from another program: restart the scheduler with --scheduler-file.") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+        raise ClusterError(
+            f"scheduler file {path!r} has no scheduler address (a string under 'address'); "
+            "restart the scheduler with --scheduler-file, or pass the address instead."
+        )
+
+
 def connect(
     address: str | None = None,
     scheduler_file: str | None = None,
@@ -152,6 +169,7 @@ def connect(
                 f"scheduler file {scheduler_file!r} does not exist; start the scheduler with "
                 "`dask scheduler --scheduler-file PATH` first, or unset DIFFDASK_SCHEDULER."
             )
+        _check_scheduler_file(scheduler_file)
         try:
             return Client(scheduler_file=scheduler_file, timeout=timeout)
         except (OSError, TimeoutError) as exc:

@@ -83,3 +83,11 @@ def test_an_endpoint_that_is_not_a_scheduler_is_a_quick_clear_error():
 def test_a_real_scheduler_passes_the_handshake_check(cluster):
     with connect(cluster.scheduler_address, timeout=5) as client:
         assert client.submit(pow, 3, 3).result() == 27
+
+
+@pytest.mark.parametrize("text", ['{"address": 5', '{"address": 5}', "[1, 2]", ""])
+def test_a_malformed_scheduler_file_is_a_clear_error(tmp_path, text):
+    path = tmp_path / "scheduler.json"
+    path.write_text(text)
+    with pytest.raises(ClusterError, match="scheduler file .*(JSON|address)"):
+        connect(scheduler_file=str(path), timeout=2)

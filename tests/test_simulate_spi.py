@@ -419,3 +419,11 @@ def test_a_detector_too_big_for_memory_is_refused_before_any_allocation():
     huge = Geometry((200_000, 200_000), pixel_size_m=75e-6, distance_m=0.5, wavelength_m=1e-10)
     with pytest.raises(ParameterError, match=r"200000×200000 detector needs .* GiB"):
         simulate_spi(10, huge, seed=0)
+
+
+def test_a_mask_that_leaves_no_good_pixel_is_refused():
+    from diffdask import detector_mask
+
+    tiny = Geometry((1, 1), pixel_size_m=75e-6, distance_m=0.5, wavelength_m=1e-10)
+    with pytest.raises(ParameterError, match="mask every pixel of a 1×1 detector"):
+        detector_mask(tiny, gap_px=2, beamstop_radius_px=3.0)

@@ -214,6 +214,11 @@ def detector_mask(
                 good[:, lo:hi] = False
     if radius > 0:
         good &= geometry.radius_px > radius
+    if not good.any():
+        raise ParameterError(
+            f"the gaps ({gap_px} px) and beamstop (radius {radius:g} px) mask every pixel of a {ny}×{nx} "
+            "detector; use a larger detector or a smaller gap or beamstop."
+        )
     return good
 
 
