@@ -32,7 +32,6 @@ no chunk is ever copied to another type.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,7 @@ import numpy as np
 
 from diffdask.errors import GeometryError, ParameterError, SchemaError
 from diffdask.geometry import pixel_radius_map
+from diffdask.simulate.common import check_positive
 
 #: Frame dtypes the kernel reads directly.
 KERNEL_DTYPES = tuple(
@@ -183,19 +183,6 @@ def radial_bins(
     else:
         n_bins = check_count("n_bins", n_bins)
     return np.where(k < n_bins, k, -1), n_bins
-
-
-def check_positive(name: str, value: Any, units: str) -> float:
-    """A finite, strictly positive float parameter."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ParameterError(f"{name} must be a number of {units}, got {value!r}.")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a number of {units}, got {value!r}.") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ParameterError(f"{name} must be a positive number of {units}, got {value!r}.")
-    return v
 
 
 #: Most bins a plan may have: the kernel keeps 2 × 8 float64 accumulators per bin (and as many

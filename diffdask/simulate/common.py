@@ -50,7 +50,9 @@ def check_seed(seed: Any) -> int:
 
 
 def check_positive(name: str, value: Any, unit: str = "") -> float:
-    """A positive finite float, or a `ParameterError` naming ``name``."""
+    """A positive finite float, or a `ParameterError` naming ``name`` (booleans are not numbers here)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ParameterError(f"{name} must be a number{unit and ' in ' + unit}, got {value!r}.")
     try:
         v = float(value)
     except (TypeError, ValueError):
