@@ -1,147 +1,53 @@
-"""diffdask: Dask-distributed analysis of X-ray diffraction frame stacks."""
+"""diffdask: Dask-distributed analysis of X-ray diffraction frame stacks.
 
-from diffdask import backend, latent, metrics
-from diffdask.backend import gpu_available, to_cpu, to_gpu
-from diffdask.blocks import generate_frames, map_frames, pair_blocks, reduce_frames
-from diffdask.cluster import connect
-from diffdask.commonlines import (
-    CLPCA,
-    AbsoluteEmbedding,
-    cc_matrix,
-    clpca,
-    embed,
-    line_samples,
-    rotation_invariant_features,
-)
-from diffdask.emc import EMC2D, EMCDetector, EMCResult, bootstrap
-from diffdask.errors import (
-    BackendError,
-    ClusterError,
-    DiffdaskError,
-    GeometryError,
-    IncompleteStoreError,
-    NonFinitePixelsWarning,
-    ParameterError,
-    SchemaError,
-    StoreExistsError,
-    StoreFormatError,
-    StoreNotFoundError,
-)
-from diffdask.frames import get_geometry, get_mask, make_frame_stack, validate
-from diffdask.geometry import Geometry
-from diffdask.io import (
-    ingest_hdf5,
-    list_results,
-    open_frames,
-    open_hdf5,
-    open_results,
-    save_frames,
-    save_results,
-    store_info,
-)
-from diffdask.io.dragonfly import read_emc, read_emc_output, write_emc, write_emc_output
-from diffdask.latent import LatentModel, fit_latent, flag_outliers, sort_single_hits
-from diffdask.reduce import (
-    center_of_mass,
-    find_hits,
-    fit_sphere_diameter,
-    integrate1d,
-    integrate2d,
-    lit_pixels,
-    mean_profile,
-    psd_contrast,
-    radial_profile,
-    size_filter,
-    summarize,
-)
-from diffdask.refine import refine_geometry, refine_run_geometry
-from diffdask.roi import differential_phase, find_roi, grow_roi, scan_grid, scan_maps
-from diffdask.simulate import (
-    Particle,
-    detector_mask,
-    simulate_bragg,
-    simulate_ptycho,
-    simulate_spi,
-)
+The public API is re-exported here lazily (PEP 562): ``import diffdask`` loads no submodule,
+and ``diffdask.summarize`` imports `diffdask.reduce` on first use. No module of the package
+imports this one, so importing any part of diffdask never runs through the root (the import
+graph is checked by ``tests/test_architecture.py``).
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = [
-    "AbsoluteEmbedding",
-    "BackendError",
-    "CLPCA",
-    "ClusterError",
-    "DiffdaskError",
-    "EMC2D",
-    "EMCDetector",
-    "EMCResult",
-    "Geometry",
-    "GeometryError",
-    "IncompleteStoreError",
-    "LatentModel",
-    "NonFinitePixelsWarning",
-    "ParameterError",
-    "Particle",
-    "SchemaError",
-    "StoreExistsError",
-    "StoreFormatError",
-    "StoreNotFoundError",
-    "__version__",
-    "bootstrap",
-    "cc_matrix",
-    "center_of_mass",
-    "clpca",
-    "connect",
-    "detector_mask",
-    "differential_phase",
-    "embed",
-    "find_hits",
-    "fit_latent",
-    "find_roi",
-    "fit_sphere_diameter",
-    "flag_outliers",
-    "generate_frames",
-    "get_geometry",
-    "gpu_available",
-    "integrate1d",
-    "integrate2d",
-    "get_mask",
-    "grow_roi",
-    "ingest_hdf5",
-    "latent",
-    "line_samples",
-    "list_results",
-    "lit_pixels",
-    "make_frame_stack",
-    "map_frames",
-    "mean_profile",
-    "metrics",
-    "open_frames",
-    "open_hdf5",
-    "open_results",
-    "pair_blocks",
-    "psd_contrast",
-    "radial_profile",
-    "read_emc",
-    "read_emc_output",
-    "reduce_frames",
-    "refine_geometry",
-    "refine_run_geometry",
-    "rotation_invariant_features",
-    "save_frames",
-    "save_results",
-    "scan_grid",
-    "scan_maps",
-    "simulate_bragg",
-    "simulate_ptycho",
-    "simulate_spi",
-    "size_filter",
-    "sort_single_hits",
-    "store_info",
-    "summarize",
-    "to_cpu",
-    "to_gpu",
-    "validate",
-    "write_emc",
-    "write_emc_output",
-]
+import importlib
+from typing import Any
+
+from diffdask._version import __version__
+
+#: Where each public name lives: ``{module: names}``; a name that is a submodule of
+#: diffdask (``latent``, ``metrics``, ``backend``) is listed under its own module.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "diffdask.backend": ("backend", "gpu_available", "to_cpu", "to_gpu"),
+    "diffdask.blocks": ("generate_frames", "map_frames", "pair_blocks", "reduce_frames"),
+    "diffdask.cluster": ("connect",),
+    "diffdask.commonlines": ("AbsoluteEmbedding", "cc_matrix", "CLPCA", "clpca", "embed", "line_samples", "rotation_invariant_features"),
+    "diffdask.emc": ("bootstrap", "EMC2D", "EMCDetector", "EMCResult"),
+    "diffdask.errors": ("BackendError", "ClusterError", "DiffdaskError", "GeometryError", "IncompleteStoreError", "NonFinitePixelsWarning", "ParameterError", "SchemaError", "StoreExistsError", "StoreFormatError", "StoreNotFoundError"),
+    "diffdask.frames": ("get_geometry", "get_mask", "make_frame_stack", "validate"),
+    "diffdask.geometry": ("Geometry",),
+    "diffdask.io": ("ingest_hdf5", "list_results", "open_frames", "open_hdf5", "open_results", "save_frames", "save_results", "store_info"),
+    "diffdask.io.dragonfly": ("read_emc", "read_emc_output", "write_emc", "write_emc_output"),
+    "diffdask.latent": ("fit_latent", "flag_outliers", "latent", "LatentModel", "sort_single_hits"),
+    "diffdask.metrics": ("metrics",),
+    "diffdask.reduce": ("center_of_mass", "find_hits", "fit_sphere_diameter", "integrate1d", "integrate2d", "lit_pixels", "mean_profile", "psd_contrast", "radial_profile", "size_filter", "summarize"),
+    "diffdask.refine": ("refine_geometry", "refine_run_geometry"),
+    "diffdask.roi": ("differential_phase", "find_roi", "grow_roi", "scan_grid", "scan_maps"),
+    "diffdask.simulate": ("detector_mask", "Particle", "simulate_bragg", "simulate_ptycho", "simulate_spi"),
+}
+
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_WHERE, "__version__"], key=str.lower)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffdask' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module == f"diffdask.{name}" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

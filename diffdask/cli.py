@@ -15,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from diffdask._version import __version__
 from diffdask.errors import DiffdaskError, StoreExistsError
 
 console = Console()
@@ -746,7 +747,6 @@ def commonlines(
     import numpy as np
     import xarray as xr
 
-    from diffdask import __version__
     from diffdask.commonlines import AbsoluteEmbedding, cc_matrix, clpca
     from diffdask.errors import ParameterError
     from diffdask.io import open_frames, save_results

@@ -22,11 +22,6 @@ from diffdask.errors import ClusterError
 SCHEDULER_ENV = "DIFFDASK_SCHEDULER"
 
 
-#: Modules every worker imports before its first task. A fresh worker (started, or restarted
-#: after a crash) otherwise unpickles its first tasks on two threads at once, and a thread that
-#: imports a submodule while another runs the package's ``__init__`` deadlocks on Python's
-#: import locks. Pass ``--preload diffdask`` to ``dask worker`` on clusters started by hand.
-WORKER_PRELOAD = ("diffdask",)
 #: Allocator settings distributed gives its workers that diffdask's LocalCluster leaves out.
 MALLOC_ENVIRON = ("MALLOC_TRIM_THRESHOLD_",)
 
@@ -191,7 +186,6 @@ def connect(
     if int(n_workers) < 1 or int(threads_per_worker) < 1:
         raise ClusterError(f"n_workers and threads_per_worker must be ≥ 1, got {n_workers}, {threads_per_worker}.")
     cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
-    cluster_kwargs.setdefault("preload", list(WORKER_PRELOAD))
     if processes:
         # Thread-only clusters talk in-process; process clusters must not listen beyond this machine.
         cluster_kwargs.setdefault("host", "127.0.0.1")

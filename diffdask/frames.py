@@ -24,6 +24,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from diffdask._version import __version__
 from diffdask.backend import array_namespace
 from diffdask.errors import NonFinitePixelsWarning, SchemaError
 from diffdask.geometry import Geometry
@@ -237,3 +238,18 @@ def clean_block(block: Any, mask: Any) -> tuple[Any, Any]:
         good = good & xp.isfinite(values)
     values[~good] = 0
     return values, good
+
+
+def frame_coords(ds: xr.Dataset) -> dict[str, Any]:
+    """The stack's coordinates along ``frame`` (to carry into per-frame results)."""
+    return {k: v for k, v in ds.coords.items() if v.dims == ("frame",)}
+
+
+def provenance(function: str, **params: Any) -> dict[str, Any]:
+    """Attributes that record what made a result (function, parameters, version)."""
+    attrs: dict[str, Any] = {"diffdask_function": f"diffdask.{function}", "diffdask_version": __version__}
+    for k, v in params.items():
+        if v is None:
+            continue
+        attrs[k] = list(v) if isinstance(v, tuple) else v
+    return attrs

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from diffdask.checks import check_positive
 from diffdask.errors import GeometryError, ParameterError
 
 #: Dataset attribute names that hold a geometry (all lengths in metres, centre in pixels).
@@ -50,16 +51,6 @@ def ray_polarization_factor(unit_vectors: np.ndarray, polarization: str) -> np.n
 def _readonly(a: np.ndarray) -> np.ndarray:
     a.setflags(write=False)
     return a
-
-
-def _positive(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise GeometryError(f"{name} must be a number in metres, got {value!r}.") from None
-    if not math.isfinite(v) or v <= 0:
-        raise GeometryError(f"{name} must be a positive, finite length in metres, got {value!r}.")
-    return v
 
 
 def pixel_radius_map(shape: tuple[int, int], center_yx: tuple[float, float]) -> np.ndarray:
@@ -147,18 +138,20 @@ class Geometry:
             raise GeometryError(f"shape must be two positive integers (ny, nx), got {self.shape!r}.")
         ps = self.pixel_size_m
         if np.ndim(ps) == 0:
-            pixel = _positive("pixel_size_m", ps)
+            pixel = check_positive("pixel_size_m", ps, "metres", GeometryError)
         else:
             pair = tuple(np.asarray(ps, dtype=float).ravel())
             if len(pair) != 2:
                 raise GeometryError(f"pixel_size_m must be one pitch or a (y, x) pair, got {ps!r}.")
-            pixel = (_positive("pixel_size_m[y]", pair[0]), _positive("pixel_size_m[x]", pair[1]))
+            pixel = tuple(
+                check_positive(f"pixel_size_m[{axis}]", v, "metres", GeometryError) for axis, v in zip("yx", pair)
+            )
             if pixel[0] == pixel[1]:
                 pixel = pixel[0]
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "pixel_size_m", pixel)
-        object.__setattr__(self, "distance_m", _positive("distance_m", self.distance_m))
-        object.__setattr__(self, "wavelength_m", _positive("wavelength_m", self.wavelength_m))
+        object.__setattr__(self, "distance_m", check_positive("distance_m", self.distance_m, "metres", GeometryError))
+        object.__setattr__(self, "wavelength_m", check_positive("wavelength_m", self.wavelength_m, "metres", GeometryError))
         if self.beam_center_yx is None:
             center = ((shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0)
         else:

@@ -43,7 +43,7 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage, optimize
 
-import diffdask
+from diffdask._version import __version__
 from diffdask.backend import to_cpu
 from diffdask.blocks import map_frames, reduce_frames
 from diffdask.errors import GeometryError, ParameterError, SchemaError
@@ -450,7 +450,7 @@ def refine_geometry(
     for key in ("chi2_reduced", "ring_snr", "refined"):
         data[key] = ((FRAME_DIMS[0],), out[key])
     attrs = {"refinement": {"rings_q_inv_nm": ring_array.tolist(), **options,
-                            "diffdask_version": diffdask.__version__}}
+                            "diffdask_version": __version__}}
     return xr.Dataset(data, coords={"frame": ds["frame"]} if "frame" in ds.coords else None, attrs=attrs)
 
 
@@ -646,5 +646,5 @@ def refine_run_geometry(
         data[f"{field}_error"] = errors[j] / _TO_FIT[j]
     data.update(chi2_reduced=chi2, n_frames=int(current["frames"]), iterations=iterations)
     attrs = {"refinement": {"rings_q_inv_nm": ring_array.tolist(), **options, "shared": True,
-                            "diffdask_version": diffdask.__version__}}
+                            "diffdask_version": __version__}}
     return xr.Dataset({k: ((), v) for k, v in data.items()}, attrs=attrs)

@@ -41,9 +41,8 @@ from scipy.spatial import cKDTree
 
 from diffdask.blocks import map_frames
 from diffdask.errors import GeometryError, ParameterError, SchemaError
-from diffdask.frames import get_geometry, validate
+from diffdask.frames import frame_coords, get_geometry, provenance, validate
 from diffdask.reduce import center_of_mass
-from diffdask.reduce._graph import frame_coords, provenance
 
 #: Largest misfit of a position from its raster node, in steps, for the scan to count as a
 #: raster (position errors of a quarter step would already blur a 3 × 3 window).

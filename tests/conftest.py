@@ -7,7 +7,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import diffdask as dd
-from diffdask.cluster import WORKER_PRELOAD, worker_environment
+from diffdask.cluster import worker_environment
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,6 @@ def cluster():
     """One 2-process LocalCluster for the whole session (starting one takes seconds)."""
     with worker_environment(), LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
-        preload=list(WORKER_PRELOAD),
     ) as c:
         yield c
 

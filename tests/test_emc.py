@@ -295,10 +295,8 @@ def test_a_worker_killed_mid_iteration_changes_nothing(dragonfly_stack):
     start = _reference(0)["intens"]
     ds = dragonfly_stack.chunk({"frame": 750})
     reference = EMC2D(6, 24).run(ds, 3, start_models=start)
-    from diffdask.cluster import WORKER_PRELOAD
-
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, preload=list(WORKER_PRELOAD)) as cluster, Client(cluster) as client:
+                      dashboard_address=None) as cluster, Client(cluster) as client:
         killed = []
 
         def kill(victim):

@@ -132,14 +132,12 @@ def test_a_worker_killed_mid_summarize_gives_the_same_bits(tmp_path):
     import dask.array as da
     from distributed import Client, LocalCluster
 
-    from diffdask.cluster import WORKER_PRELOAD
-
     # Frames made on the workers (seeded per chunk), so the computation takes seconds.
     frames = da.random.RandomState(3).poisson(1.0, size=(24_000, 48, 48), chunks=(500, 48, 48)).astype("float32")
     ds = dd.make_frame_stack(frames, chunks=500, geometry=dd.Geometry((48, 48), 75e-6, 0.1, 1e-10))
     reference = dd.summarize(ds, threshold=1.5, min_lit=10).compute(scheduler="threads")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, preload=list(WORKER_PRELOAD)) as cluster, Client(cluster) as client:
+                      dashboard_address=None) as cluster, Client(cluster) as client:
         victim = sorted(client.scheduler_info()["workers"])[0]
         future = client.compute(dd.summarize(ds, threshold=1.5, min_lit=10), retries=2)
         while not client.who_has() or not any(client.has_what().values()):

@@ -31,7 +31,7 @@ def pbs_cluster(
         walltime=walltime,
         resource_spec=f"select=1:ncpus={cores}:ngpus={gpus_per_job}:mem={memory}",
         job_script_prologue=["export OMP_NUM_THREADS=1"],
-        worker_extra_args=["--preload", "diffdask", "--lifetime", lifetime, "--lifetime-stagger", "5m", "--resources", f"GPU={gpus_per_job}"],
+        worker_extra_args=["--lifetime", lifetime, "--lifetime-stagger", "5m", "--resources", f"GPU={gpus_per_job}"],
         # The dashboard stays on the scheduler node's loopback: reach it through an SSH tunnel.
         scheduler_options={"dashboard_address": "127.0.0.1:8787", **(scheduler_options or {})},
         **kwargs,

@@ -37,7 +37,7 @@ def slurm_cluster(
         walltime=walltime,
         job_extra_directives=[f"--gres=gpu:{gpus_per_job}", f"--gpus-per-task={gpus_per_job}"],
         job_script_prologue=["export OMP_NUM_THREADS=1", "module load cuda || true"],
-        worker_extra_args=["--preload", "diffdask", "--lifetime", lifetime, "--lifetime-stagger", lifetime_stagger, "--resources", f"GPU={gpus_per_job}"],
+        worker_extra_args=["--lifetime", lifetime, "--lifetime-stagger", lifetime_stagger, "--resources", f"GPU={gpus_per_job}"],
         # The dashboard stays on the scheduler node's loopback: reach it through an SSH tunnel.
         scheduler_options={"dashboard_address": "127.0.0.1:8787", **(scheduler_options or {})},
         **kwargs,

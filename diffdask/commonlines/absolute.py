@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from diffdask._version import __version__
 from diffdask.blocks import map_frames
 from diffdask.commonlines.lines import (
     apply_operator,
@@ -393,8 +394,6 @@ class AbsoluteEmbedding:
             The sidecar's path.
         """
         import torch
-
-        from diffdask import __version__
 
         self._require_fitted()
         path = Path(path)

@@ -40,6 +40,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from diffdask._version import __version__
 from diffdask.errors import (
     IncompleteStoreError,
     ParameterError,
@@ -59,12 +60,6 @@ FORMAT_VERSION = 1
 #: random-access reader decompresses; below ~1 MiB the per-chunk overhead of zarr-python halves
 #: the read throughput.
 INNER_CHUNK_BYTES = 2 * 2**20
-
-
-def _version() -> str:
-    from diffdask import __version__
-
-    return __version__
 
 
 def _jsonable(value: Any) -> Any:
@@ -209,7 +204,7 @@ def _prepare(
     coords = [str(c) for c in ds.coords if c not in ds.dims]
     if coords:
         attrs["coordinates"] = " ".join(coords)
-    attrs["diffdask_version"] = _version()
+    attrs["diffdask_version"] = __version__
     attrs[BOOKKEEPING_ATTR] = {
         "format": FORMAT_VERSION, "layout": layout, "complete": False, "every_shard_written": True,
     }  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffdask._version import __version__
 from diffdask.errors import DiffdaskError, ParameterError, StoreNotFoundError
 from diffdask.ml.nets import ARCHITECTURES, build
 
@@ -70,8 +71,6 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_model(model: nn.Module, path: str | Path, spec: ModelSpec) -> Path:
     """Write ``model``'s weights and its sidecar; return the weights path."""
-    from diffdask import __version__
-
     weights, sidecar = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     spec.diffdask_version = __version__

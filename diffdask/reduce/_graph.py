@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,7 @@ import xarray as xr
 
 from diffdask.backend import array_namespace
 from diffdask.blocks import map_frames
-from diffdask.errors import GeometryError, ParameterError
+from diffdask.errors import GeometryError
 from diffdask.frames import get_geometry, get_mask, validate
 from diffdask.geometry import Geometry
 from diffdask.reduce.kernel import BinPlan, build_plan, check_mask, radial_bins, reduce_block
@@ -62,24 +61,6 @@ def prepare(
     c = resolve_center(shape, geometry, center)
     index, nb = radial_bins(shape, c, bin_width_px, n_bins, mask)
     return ds, geometry, build_plan(mask, index, nb), Annuli(c, float(bin_width_px), nb)
-
-
-def check_threshold(threshold: Any) -> float:
-    """A lit-pixel threshold as a finite float."""
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise ParameterError(f"threshold must be a number (same units as the frames), got {threshold!r}.") from None
-    if not math.isfinite(t):
-        raise ParameterError(f"threshold must be finite, got {threshold!r}.")
-    return t
-
-
-def check_min_lit(min_lit: Any) -> int:
-    """A minimum number of lit pixels as a non-negative int."""
-    if isinstance(min_lit, bool) or not isinstance(min_lit, (int, np.integer)) or min_lit < 0:
-        raise ParameterError(f"min_lit must be a non-negative integer number of pixels, got {min_lit!r}.")
-    return int(min_lit)
 
 
 def finish_block(
@@ -160,11 +141,6 @@ def run_fused(
     )
 
 
-def frame_coords(ds: xr.Dataset) -> dict[str, Any]:
-    """The stack's coordinates along ``frame`` (to carry into per-frame results)."""
-    return {k: v for k, v in ds.coords.items() if v.dims == ("frame",)}
-
-
 def radius_coords(plan: BinPlan, annuli: Annuli, geometry: Geometry | None) -> dict[str, Any]:
     """Coordinates of the ``radius`` dim: bin centres, good pixels per bin, q when known."""
     r = annuli.radius_px
@@ -187,16 +163,4 @@ def total_attrs(units: Any) -> dict[str, Any]:
     attrs = {"long_name": "sum of good pixels"}
     if units:
         attrs["units"] = units
-    return attrs
-
-
-def provenance(function: str, **params: Any) -> dict[str, Any]:
-    """Attributes that record what made a result (function, parameters, version)."""
-    from diffdask import __version__
-
-    attrs: dict[str, Any] = {"diffdask_function": f"diffdask.{function}", "diffdask_version": __version__}
-    for k, v in params.items():
-        if v is None:
-            continue
-        attrs[k] = list(v) if isinstance(v, tuple) else v
     return attrs

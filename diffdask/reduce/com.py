@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import xarray as xr
 
-from diffdask.reduce._graph import (
-    frame_coords,
-    nonfinite_attrs,
-    prepare,
-    provenance,
-    run_fused,
-    total_attrs,
-)
+from diffdask.frames import frame_coords, provenance
+from diffdask.reduce._graph import nonfinite_attrs, prepare, run_fused, total_attrs
 
 
 def center_of_mass(ds: xr.Dataset) -> xr.Dataset:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from diffdask.checks import check_int
 from diffdask.errors import ParameterError, SchemaError
 
 
@@ -86,8 +87,7 @@ def psd_contrast(profile: Any, n_pairs: int = 3, tolerance: float = 0.2) -> Any:
     float, ndarray or xarray.DataArray
         γ in [0, 1] for positive profiles; NaN where fewer than ``n_pairs`` fringes are found.
     """
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 1:
-        raise ParameterError(f"n_pairs must be a positive integer, got {n_pairs!r}.")
+    n_pairs = check_int("n_pairs", n_pairs, 1, what="fringe pairs")
     try:
         tol = float(tolerance)
     except (TypeError, ValueError):

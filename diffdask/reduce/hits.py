@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import xarray as xr
 
-from diffdask.reduce._graph import (
-    check_min_lit,
-    check_threshold,
-    frame_coords,
-    prepare,
-    provenance,
-    run_fused,
-)
+from diffdask.checks import check_finite, check_int
+from diffdask.frames import frame_coords, provenance
+from diffdask.reduce._graph import prepare, run_fused
 
 
 def lit_pixels(ds: xr.Dataset, threshold: float) -> xr.DataArray:
@@ -30,7 +25,7 @@ def lit_pixels(ds: xr.Dataset, threshold: float) -> xr.DataArray:
     xarray.DataArray
         ``lit_pixels`` on ``frame``, int32.
     """
-    t = check_threshold(threshold)
+    t = check_finite("threshold", threshold, "the frames\' units")
     ds, _, plan, _ = prepare(ds, radial=False)
     out = run_fused(ds, plan, t, com=False, bins=False, name="lit_pixels")
     return xr.DataArray(
@@ -61,7 +56,7 @@ def find_hits(ds: xr.Dataset, threshold: float, min_lit: int) -> xr.DataArray:
     xarray.DataArray
         ``is_hit`` on ``frame``, bool.
     """
-    m = check_min_lit(min_lit)
+    m = check_int("min_lit", min_lit, 0, what="pixels")
     lit = lit_pixels(ds, threshold)
     hit = lit >= m
     hit.name = "is_hit"

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from diffdask.checks import check_int
 from diffdask.errors import GeometryError, ParameterError
-from diffdask.frames import get_geometry, get_mask, validate
+from diffdask.frames import frame_coords, get_geometry, get_mask, provenance, validate
 from diffdask.geometry import pixel_radius_map
-from diffdask.reduce._graph import frame_coords, provenance, resolve_center, run_fused
-from diffdask.reduce.kernel import build_plan, check_count, check_mask, uniform_bin_index
+from diffdask.reduce._graph import resolve_center, run_fused
+from diffdask.reduce.kernel import MAX_BINS, build_plan, check_mask, uniform_bin_index
 
 #: Radial units: name → (coordinate name, units attr, long name).
 RADIAL_UNITS = {
@@ -153,7 +154,7 @@ def integrate1d(
         For q/2θ without a geometry, or a centre off the detector.
     """
     ds = validate(ds)
-    npt = check_count("npt", npt)
+    npt = check_int("npt", npt, 1, MAX_BINS, "bins")
     _check_error_model(error_model)
     mask = check_mask(get_mask(ds))
     radial = _radial_map(ds, unit, center)
@@ -216,8 +217,8 @@ def integrate2d(
         As in `integrate1d`.
     """
     ds = validate(ds)
-    npt_rad = check_count("npt_rad", npt_rad)
-    npt_azim = check_count("npt_azim", npt_azim)
+    npt_rad = check_int("npt_rad", npt_rad, 1, MAX_BINS, "bins")
+    npt_azim = check_int("npt_azim", npt_azim, 1, MAX_BINS, "bins")
     _check_error_model(error_model)
     mask = check_mask(get_mask(ds))
     radial = _radial_map(ds, unit, center)

@@ -38,9 +38,9 @@ from typing import Any
 import numba
 import numpy as np
 
+from diffdask.checks import check_int, check_positive
 from diffdask.errors import GeometryError, ParameterError, SchemaError
 from diffdask.geometry import pixel_radius_map
-from diffdask.simulate.common import check_positive
 
 #: Frame dtypes the kernel reads directly.
 KERNEL_DTYPES = tuple(
@@ -181,22 +181,13 @@ def radial_bins(
     if n_bins is None:
         n_bins = int(k[mask].max()) + 1
     else:
-        n_bins = check_count("n_bins", n_bins)
+        n_bins = check_int("n_bins", n_bins, 1, MAX_BINS, "bins")
     return np.where(k < n_bins, k, -1), n_bins
 
 
 #: Most bins a plan may have: the kernel keeps 2 × 8 float64 accumulators per bin (and as many
 #: for variances), 0.5 GiB at this size — already far more bins than a detector has pixels.
 MAX_BINS = 2**22
-
-
-def check_count(name: str, value: Any) -> int:
-    """A positive integer parameter (a number of bins), at most `MAX_BINS`."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ParameterError(f"{name} must be a positive integer, got {value!r}.")
-    if value > MAX_BINS:
-        raise ParameterError(f"{name} = {value} is more bins than the kernel holds ({MAX_BINS}); use fewer.")
-    return int(value)
 
 
 # ---------------------------------------------------------------------------- compiled passes

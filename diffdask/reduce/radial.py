@@ -8,17 +8,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from diffdask.blocks import reduce_frames
-from diffdask.geometry import Geometry
 from diffdask.backend import array_namespace
-from diffdask.reduce._graph import (
-    Annuli,
-    frame_coords,
-    prepare,
-    provenance,
-    radius_coords,
-    run_fused,
-)
+from diffdask.blocks import reduce_frames
+from diffdask.frames import frame_coords, provenance
+from diffdask.geometry import Geometry
+from diffdask.reduce._graph import Annuli, prepare, radius_coords, run_fused
 from diffdask.reduce.kernel import BinPlan
 
 

@@ -7,18 +7,10 @@ from typing import Any
 
 import xarray as xr
 
+from diffdask.checks import check_finite, check_int
 from diffdask.errors import ParameterError
-from diffdask.reduce._graph import (
-    check_min_lit,
-    check_threshold,
-    frame_coords,
-    nonfinite_attrs,
-    prepare,
-    provenance,
-    radius_coords,
-    run_fused,
-    total_attrs,
-)
+from diffdask.frames import frame_coords, provenance
+from diffdask.reduce._graph import nonfinite_attrs, prepare, radius_coords, run_fused, total_attrs
 
 #: The groups of results `summarize` can include.
 PARTS = ("com", "radial", "hits")
@@ -79,8 +71,8 @@ def summarize(
     if not parts or set(parts) - set(PARTS):
         raise ParameterError(f"include must name some of {PARTS}, got {include!r}.")
     com, radial, hits = (p in parts for p in PARTS)
-    t = None if threshold is None else check_threshold(threshold)
-    m = None if min_lit is None else check_min_lit(min_lit)
+    t = None if threshold is None else check_finite("threshold", threshold, "the frames\' units")
+    m = None if min_lit is None else check_int("min_lit", min_lit, 0, what="pixels")
     if (m is not None or hits) and t is None:
         raise ParameterError(
             "lit pixels and hits need a threshold: pass threshold=... (the pixel value that counts as lit)."

@@ -23,8 +23,16 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-import diffdask
+from diffdask._version import __version__
 from diffdask.blocks import generate_frames
+from diffdask.checks import (
+    check_choice,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    check_seed,
+)
 from diffdask.errors import ParameterError
 from diffdask.frames import FRAME_DIMS, MASK_DIMS, frames_per_chunk, validate
 from diffdask.geometry import Geometry, ray_polarization_factor
@@ -32,13 +40,7 @@ from diffdask.simulate.common import (
     STREAM_DETECTOR,
     STREAM_NOISE,
     STREAM_PARAMETERS,
-    check_fraction,
-    check_nonnegative,
-    check_positive,
-    check_range,
-    check_seed,
     frame_rng,
-    parse_choice,
     quaternion_to_matrix,
     random_quaternion,
 )
@@ -403,8 +405,8 @@ def simulate_bragg(
     if not isinstance(geometry, Geometry):
         raise ParameterError(f"geometry must be a diffdask.Geometry, got {type(geometry).__name__}.")
     seed = check_seed(seed)
-    variant = parse_choice("variant", variant, VARIANTS)
-    polarization = parse_choice("polarization", polarization, ("x", "y", "none"))
+    variant = check_choice("variant", variant, VARIANTS)
+    polarization = check_choice("polarization", polarization, ("x", "y", "none"))
     dist = (0.9 * geometry.distance_m, 1.1 * geometry.distance_m) if distance_m is None else check_range("distance_m", distance_m, "m")
     angles = check_range("cell_angles_deg", cell_angles_deg, "degrees")
     if angles[0] <= 0 or angles[1] >= 180:
@@ -470,7 +472,7 @@ def simulate_bragg(
         "units": "binary" if variant == "binary" else "photons",
         "simulation": {
             "simulator": "bragg",
-            "diffdask_version": diffdask.__version__,
+            "diffdask_version": __version__,
             "seed": seed,
             "cell_lengths_nm": list(model.cell_lengths_nm),
             "cell_angles_deg": list(model.cell_angles_deg),

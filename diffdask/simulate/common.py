@@ -8,13 +8,12 @@ the Poisson noise off does not change the orientations or the fluences.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from diffdask.backend import array_namespace, to_cpu
+from diffdask.checks import check_int, check_nonnegative
 from diffdask.errors import ParameterError
 from diffdask.geometry import Geometry
 
@@ -40,60 +39,6 @@ def frame_rng(seed: int, stream: int, frame: int) -> np.random.Generator:
         Global frame index.
     """
     return np.random.default_rng([int(seed), int(stream), int(frame)])
-
-
-def check_seed(seed: Any) -> int:
-    """Validate a seed: a non-negative integer."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ParameterError(f"seed must be a non-negative integer, got {seed!r}.")
-    return int(seed)
-
-
-def check_positive(name: str, value: Any, unit: str = "") -> float:
-    """A positive finite float, or a `ParameterError` naming ``name`` (booleans are not numbers here)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ParameterError(f"{name} must be a number{unit and ' in ' + unit}, got {value!r}.")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a number{unit and ' in ' + unit}, got {value!r}.") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ParameterError(f"{name} must be positive and finite{unit and ' (' + unit + ')'}, got {value!r}.")
-    return v
-
-
-def check_nonnegative(name: str, value: Any, unit: str = "") -> float:
-    """A non-negative finite float, or a `ParameterError` naming ``name``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a number{unit and ' in ' + unit}, got {value!r}.") from None
-    if not math.isfinite(v) or v < 0:
-        raise ParameterError(f"{name} must be ≥ 0 and finite{unit and ' (' + unit + ')'}, got {value!r}.")
-    return v
-
-
-def check_fraction(name: str, value: Any) -> float:
-    """A probability in [0, 1], or a `ParameterError` naming ``name``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a fraction in [0, 1], got {value!r}.") from None
-    if not 0.0 <= v <= 1.0:
-        raise ParameterError(f"{name} must be a fraction in [0, 1], got {value!r}.")
-    return v
-
-
-def check_range(name: str, value: Any, unit: str = "", allow_zero: bool = False) -> tuple[float, float]:
-    """A fixed value or a ``(low, high)`` pair of positive numbers as a ``(low, high)`` range."""
-    pair = (value, value) if np.ndim(value) == 0 else tuple(value)
-    if len(pair) != 2:
-        raise ParameterError(f"{name} must be one number or a (low, high) pair{unit and ' in ' + unit}, got {value!r}.")
-    check = check_nonnegative if allow_zero else check_positive
-    low, high = check(name, pair[0], unit), check(name, pair[1], unit)
-    if low > high:
-        raise ParameterError(f"{name} range must have low ≤ high, got {value!r}.")
-    return low, high
 
 
 def random_quaternion(rng: np.random.Generator) -> np.ndarray:
@@ -200,8 +145,7 @@ def detector_mask(
     """
     if not isinstance(geometry, Geometry):
         raise ParameterError(f"geometry must be a diffdask.Geometry, got {type(geometry).__name__}.")
-    if isinstance(gap_px, bool) or int(gap_px) != gap_px or gap_px < 0:
-        raise ParameterError(f"gap_px must be a non-negative integer number of pixels, got {gap_px!r}.")
+    gap_px = check_int("gap_px", gap_px, 0, what="pixels")
     radius = check_nonnegative("beamstop_radius_px", beamstop_radius_px, "pixels")
     ny, nx = geometry.shape
     good = np.ones((ny, nx), dtype=bool)
@@ -250,10 +194,3 @@ def poisson_frames(mu: Any, seed: int, first_frame: int, stream: int = STREAM_NO
     for k in range(mu.shape[0]):
         out[k] = frame_rng(seed, stream, first_frame + k).poisson(mu[k])
     return out
-
-
-def parse_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else a `ParameterError` listing them."""
-    if value not in choices:
-        raise ParameterError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
-    return str(value)

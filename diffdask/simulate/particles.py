@@ -27,14 +27,10 @@ import numpy as np
 from scipy.special import erfc, ndtr, owens_t
 
 from diffdask.backend import array_namespace
+from diffdask.checks import check_nonnegative, check_positive, check_range
 from diffdask.errors import ParameterError
 from diffdask.simulate.atoms import atomic_form_factor, read_pdb
-from diffdask.simulate.common import (
-    apply_matrices,
-    check_nonnegative,
-    check_positive,
-    check_range,
-)
+from diffdask.simulate.common import apply_matrices
 
 SHAPES = ("sphere", "ellipsoid", "cube", "superellipsoid", "icosahedral_shell", "pdb")
 #: Shapes whose structure factor has a closed form.

@@ -27,8 +27,16 @@ import numpy as np
 import xarray as xr
 from scipy.special import j1
 
-import diffdask
+from diffdask._version import __version__
 from diffdask.blocks import generate_frames
+from diffdask.checks import (
+    check_choice,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    check_seed,
+)
 from diffdask.errors import ParameterError
 from diffdask.frames import FRAME_DIMS, MASK_DIMS, frames_per_chunk, validate
 from diffdask.geometry import Geometry
@@ -36,13 +44,7 @@ from diffdask.simulate.common import (
     STREAM_DETECTOR,
     STREAM_NOISE,
     STREAM_PARAMETERS,
-    check_fraction,
-    check_nonnegative,
-    check_positive,
-    check_range,
-    check_seed,
     frame_rng,
-    parse_choice,
 )
 
 PROBES = ("airy", "gaussian", "aperture")
@@ -403,8 +405,8 @@ def simulate_ptycho(
     if not isinstance(geometry, Geometry):
         raise ParameterError(f"geometry must be a diffdask.Geometry, got {type(geometry).__name__}.")
     seed = check_seed(seed)
-    probe = parse_choice("probe", probe, PROBES)
-    scan = parse_choice("scan", scan, SCANS)
+    probe = check_choice("probe", probe, PROBES)
+    scan = check_choice("scan", scan, SCANS)
     diameter = check_positive("probe_diameter_m", probe_diameter_m, "m")
     ov = check_fraction("overlap", overlap)
     if ov >= 1:
@@ -468,7 +470,7 @@ def simulate_ptycho(
         "object_pixel_m": list(pixel_m),
         "simulation": {
             "simulator": "ptycho",
-            "diffdask_version": diffdask.__version__,
+            "diffdask_version": __version__,
             "seed": seed,
             "probe": probe,
             "probe_diameter_m": diameter,

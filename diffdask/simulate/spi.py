@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-import diffdask
+from diffdask._version import __version__
 from diffdask.backend import array_namespace, to_cpu
 from diffdask.blocks import check_fits_in_memory, generate_frames
+from diffdask.checks import check_choice, check_fraction, check_positive, check_range, check_seed
 from diffdask.errors import ParameterError
 from diffdask.frames import FRAME_DIMS, MASK_DIMS, frames_per_chunk, validate
 from diffdask.geometry import Geometry
@@ -34,13 +35,8 @@ from diffdask.simulate.common import (
     ELECTRON_RADIUS_M,
     STREAM_PARAMETERS,
     apply_matrices,
-    check_fraction,
-    check_positive,
-    check_range,
-    check_seed,
     dot_vectors,
     frame_rng,
-    parse_choice,
     poisson_frames,
     quaternion_to_matrix,
     random_quaternion,
@@ -331,7 +327,7 @@ def simulate_spi(
     if not isinstance(geometry, Geometry):
         raise ParameterError(f"geometry must be a diffdask.Geometry, got {type(geometry).__name__}.")
     seed = check_seed(seed)
-    method = parse_choice("method", method, METHODS)
+    method = check_choice("method", method, METHODS)
     plist = [Particle()] if particles is None else [particles] if isinstance(particles, Particle) else list(particles)
     if not plist or not all(isinstance(p, Particle) for p in plist):
         raise ParameterError("particles must be a Particle or a non-empty sequence of Particle.")
@@ -416,7 +412,7 @@ def simulate_spi(
         "shape_classes": [p.label for p in plist],
         "simulation": {
             "simulator": "spi",
-            "diffdask_version": diffdask.__version__,
+            "diffdask_version": __version__,
             "seed": seed,
             "particles": [_particle_attrs(p) for p in plist],
             "fractions": list(model.fractions),
