@@ -1,7 +1,9 @@
 """Array-library dispatch: the same kernel runs on NumPy, CuPy and torch tensors.
 
-Kernels call `array_namespace` on their input and use the module it returns; CuPy and torch
-are imported only when an array of theirs is seen, never at module level.
+`library_of` is the one place that tells which library holds an array; everything else
+(`array_namespace`, `to_cpu`, `to_torch`, the CuPy sparse operators of the common lines)
+asks it. Kernels call `array_namespace` on their input and use the namespace it returns; CuPy
+and torch are imported only when an array of theirs is seen, never at module level.
 """
 
 from __future__ import annotations
@@ -15,19 +17,41 @@ import numpy as np
 
 from diffdask.errors import BackendError
 
+#: The array libraries diffdask kernels run on.
+LIBRARIES = ("numpy", "cupy", "torch")
+
+
+def library_of(x: Any) -> str:
+    """Which array library holds ``x``: ``"numpy"``, ``"cupy"`` or ``"torch"``.
+
+    Anything that is not a CuPy array or a torch tensor (NumPy arrays and scalars, Python
+    numbers, lists) counts as NumPy. Read from the type's module, so neither CuPy nor torch
+    is imported to ask.
+    """
+    module = type(x).__module__.split(".", 1)[0]
+    return module if module in ("cupy", "torch") else "numpy"
+
 
 def array_namespace(x: Any) -> ModuleType:
-    """The array module (``numpy`` or ``cupy``) that ``x`` belongs to.
+    """The array namespace of ``x``: ``numpy``, ``cupy``, or the array-API view of torch.
+
+    NumPy and CuPy give their own modules (kernels use NumPy's full API, which CuPy mirrors);
+    a torch tensor gives `array_api_compat`'s torch namespace, so ``xp.sum(a, axis=0)``,
+    ``xp.where`` and ``xp.asarray`` mean the same on all three.
 
     Parameters
     ----------
     x : array
-        A NumPy array, NumPy scalar, or CuPy array.
+        A NumPy array or scalar, a CuPy array, or a torch tensor.
     """
-    module = type(x).__module__.split(".", 1)[0]
-    if module == "cupy":
+    library = library_of(x)
+    if library == "numpy":
+        return np
+    if library == "cupy":
         return importlib.import_module("cupy")
-    return np
+    from array_api_compat import array_namespace as compat_namespace
+
+    return compat_namespace(x)
 
 
 def gpu_available() -> bool:
@@ -72,10 +96,10 @@ def to_gpu(x: Any) -> Any:
 
 def to_cpu(x: Any) -> np.ndarray:
     """A NumPy array from a NumPy, CuPy or torch array (copied off the GPU when needed)."""
-    module = type(x).__module__.split(".", 1)[0]
-    if module == "cupy":
+    library = library_of(x)
+    if library == "cupy":
         return x.get()
-    if module == "torch":
+    if library == "torch":
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -83,6 +107,9 @@ def to_cpu(x: Any) -> np.ndarray:
 def to_torch(x: Any, device: str = "cpu") -> Any:
     """A torch tensor on ``device`` sharing memory with ``x`` where possible (DLPack on GPU)."""
     torch = importlib.import_module("torch")
-    if type(x).__module__.split(".", 1)[0] == "cupy":
+    library = library_of(x)
+    if library == "torch":
+        return x.to(device)
+    if library == "cupy":
         return torch.from_dlpack(x).to(device)
     return torch.as_tensor(np.asarray(x)).to(device)

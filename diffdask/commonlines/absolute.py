@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from diffdask._version import __version__
+from diffdask.backend import array_namespace, to_cpu
 from diffdask.blocks import map_frames
 from diffdask.commonlines.lines import (
     apply_operator,
@@ -74,10 +75,10 @@ def feature_grid(
 
 
 def _features_block(block: Any, *, op: Any, keep: np.ndarray, n_angles: int) -> dict[str, Any]:
-    xp = _namespace(block)
+    xp = array_namespace(block)
     bad = ~xp.isfinite(block)
     if bool(bad.any()):
-        raise ParameterError(nonfinite_message(int(bad.sum()), np.flatnonzero(_cpu(bad.any(axis=(1, 2))))))
+        raise ParameterError(nonfinite_message(int(bad.sum()), np.flatnonzero(to_cpu(bad.any(axis=(1, 2))))))
     total = block.sum(axis=(1, 2))
     polar = apply_operator(op, block / xp.where(total == 0, 1, total)[:, None, None])
     polar = polar.reshape(block.shape[0], n_angles, -1)
@@ -85,16 +86,6 @@ def _features_block(block: Any, *, op: Any, keep: np.ndarray, n_angles: int) -> 
     return {"features": spectrum[:, xp.asarray(keep)]}
 
 
-def _namespace(x: Any) -> Any:
-    from diffdask.backend import array_namespace
-
-    return array_namespace(x)
-
-
-def _cpu(x: Any) -> np.ndarray:
-    from diffdask.backend import to_cpu
-
-    return to_cpu(x)
 
 
 def rotation_invariant_features(
@@ -142,7 +133,7 @@ def rotation_invariant_features(
 
 def _forward(x: Any, weights: Sequence[tuple[Any, Any]]) -> Any:
     """The MLP in the array library of ``x``: ReLU between linear layers, none after the last."""
-    xp = _namespace(x)
+    xp = array_namespace(x)
     for k, (w, b) in enumerate(weights):
         x = x @ xp.asarray(w).T + xp.asarray(b)
         if k < len(weights) - 1:
@@ -151,7 +142,7 @@ def _forward(x: Any, weights: Sequence[tuple[Any, Any]]) -> Any:
 
 
 def _embed_block(block: Any, *, features: dict[str, Any], scaling: dict[str, np.ndarray], layers: list) -> dict[str, Any]:
-    xp = _namespace(block)
+    xp = array_namespace(block)
     raw = _features_block(block, **features)["features"]
     x = (xp.log(raw + scaling["floor"]) - xp.asarray(scaling["x_mean"])) / xp.asarray(scaling["x_std"])
     y = _forward(x.astype(xp.float32), layers).astype(xp.float64)

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from diffdask.backend import array_namespace, library_of, to_cpu
+from diffdask.blocks import map_frames
 from diffdask.errors import ParameterError, SchemaError
 from diffdask.geometry import Geometry
 
@@ -223,7 +225,7 @@ def apply_operator(op: Any, images: Any) -> Any:
     ``cupyx.scipy.sparse`` matrix (converted here, so nothing imports CuPy up front).
     """
     flat = images.reshape(images.shape[0], -1)
-    if type(images).__module__.split(".", 1)[0] == "cupy":
+    if library_of(images) == "cupy":
         import cupyx.scipy.sparse as csp
 
         op = csp.csr_matrix(op)
@@ -373,7 +375,7 @@ def sample_block(
     weights : array, shape (n, T, A, L), or None
         1 where every pixel a sample reads is measured, else 0; None without a mask.
     """
-    xp = _namespace(block)
+    xp = array_namespace(block)
     if per_average_mask:
         images, good = block[:, 0], block[:, 1] > 0.5
     else:
@@ -384,7 +386,7 @@ def sample_block(
         bad &= good
     if bool(bad.any()):
         n_bad = int(bad.sum())
-        raise ParameterError(nonfinite_message(n_bad, np.flatnonzero(_to_numpy(bad.any(axis=(1, 2))))))
+        raise ParameterError(nonfinite_message(n_bad, np.flatnonzero(to_cpu(bad.any(axis=(1, 2))))))
     if good is not None:
         images = xp.where(good, images, 0)
     total = images.sum(axis=(1, 2))
@@ -397,22 +399,12 @@ def sample_block(
     return values * weights, weights
 
 
-def _namespace(x: Any) -> Any:
-    from diffdask.backend import array_namespace
-
-    return array_namespace(x)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    from diffdask.backend import to_cpu
-
-    return to_cpu(x)
 
 
 def _sampled_lines(block: Any, **kwargs: Any) -> dict[str, Any]:
     values, weights = sample_block(block, **kwargs)
     if weights is not None:
-        values = _namespace(values).where(weights > 0, values, np.nan)
+        values = array_namespace(values).where(weights > 0, values, np.nan)
     return {"lines": values}
 
 
@@ -456,8 +448,6 @@ def line_samples(
         Shape ``(M, n_angles, n_r)`` for straight lines, ``(M, n_tilts, n_angles, n_r)`` with
         ``tilts_deg``; float64.
     """
-    from diffdask.blocks import map_frames
-
     stack = as_average_stack(averages, mask, block_size)
     grid = line_grid(stack.size, n_angles, mask_radius, full_circle, tilts_deg, geometry or stack.geometry)
     data, kwargs = sampling_inputs(stack, grid, interp)
