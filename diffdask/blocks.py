@@ -11,21 +11,26 @@
 Kernels are plain functions of NumPy/CuPy blocks that return a dict of arrays, one per
 declared output. Keyword arguments (masks, weight matrices) are stored once in the graph,
 not once per task, so a detector-sized operator costs one transfer per worker.
+
+All four are built on Dask's public API: a `dask.array.blockwise` layer whose tasks return
+the kernel's dict (one object per chunk), then one `map_blocks` per output picking its entry;
+the tree reduction and the tiles of a pair matrix are `dask.delayed` calls. Being blockwise,
+the kernel layer fuses with the layer that reads the chunk (`da.from_array`, `xr.open_zarr`,
+HDF5), so a stored chunk is read, decoded and reduced in one task, and computing several
+outputs together still runs the kernel once per chunk.
 """
 
 from __future__ import annotations
 
-import operator
+import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
-from dask._task_spec import DataNode, GraphNode, List, Task, TaskRef
 from dask.base import tokenize
-from dask.core import istask
-from dask.highlevelgraph import HighLevelGraph
-from dask.utils import apply
+from dask.delayed import Delayed
 
 from diffdask.errors import ParameterError
 
@@ -83,23 +88,26 @@ def generate_frames(
     kwargs = dict(kwargs or {})
     prefix = name or getattr(kernel, "__name__", "generate")
     token = tokenize(kernel, n_frames, chunk_frames, specs, kwargs)
-    kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
-    starts = list(range(0, n_frames, chunk_frames))
-    chunks0 = tuple(min(chunk_frames, n_frames - s) for s in starts)
-    names = list(specs)
-    layer: dict[Any, Any] = {kwname: kwargs}
-    for i, start in enumerate(starts):
-        layer[(kname, i)] = (apply, _checked_call, [kernel, names, start, start + chunks0[i]], kwname)
-    graph = HighLevelGraph({kname: layer}, {kname: set()})
-    result = {}
-    for out, (tail, dtype) in specs.items():
-        oname = f"{prefix}-{out}-{token}"
-        zeros = (0,) * len(tail)
-        olayer = {(oname, i) + zeros: (operator.getitem, (kname, i), out) for i in range(len(starts))}
-        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {kname}}))
-        chunks = (chunks0,) + tuple((s,) for s in tail)
-        result[out] = da.Array(g, oname, chunks, meta=np.empty((0,) * (1 + len(tail)), dtype=dtype))
-    return result
+    bounds = tuple((s, min(s + chunk_frames, n_frames)) for s in range(0, n_frames, chunk_frames))
+    spec = _spec(prefix, token, kernel, tuple(specs), bounds, kwargs)
+    packed = da.map_blocks(
+        _generate_call, spec, name=f"{prefix}-{token}", chunks=((1,) * len(bounds),), dtype=object,
+        meta=np.empty((0,), dtype=object),
+    )
+    return _unpack(packed, tuple(b - a for a, b in bounds), None, specs, prefix, token)
+
+
+def _spec(prefix: str, token: str, *spec: Any) -> Delayed:
+    # The kernel and its parameters, stored once as their own graph node; each task refers
+    # to it, so a detector-sized parameter travels once per worker, and the key is
+    # deterministic (Dask would give a large constant a random one).
+    return dask.delayed(spec, name=f"{prefix}-kwargs-{token}", pure=True, traverse=False)
+
+
+def _generate_call(spec: tuple, block_info: Mapping[Any, Any] | None = None) -> np.ndarray:
+    kernel, names, bounds, kw = spec
+    start, stop = bounds[block_info[None]["chunk-location"][0]]
+    return _box(_checked_call(kernel, names, start, stop, **kw), 1)
 
 
 #: Most tasks one generated array may have: the graph is built in the client's memory
@@ -173,13 +181,59 @@ def _checked_call(kernel: Kernel, names: Sequence[str], *args: Any, **kwargs: An
     return result
 
 
-def _block_call(
-    kernel: Kernel, names: Sequence[str], offset: int | None, extra_names: Sequence[str], block: Any, *extra: Any,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    if offset is not None:
-        kwargs["frame_offset"] = offset
-    return _checked_call(kernel, names, block, **dict(zip(extra_names, extra)), **kwargs)
+def _box(result: Mapping[str, Any], ndim: int) -> np.ndarray:
+    # One object per chunk: the kernel's dict rides through the array layer unchanged.
+    out = np.empty((1,) * ndim, dtype=object)
+    out.flat[0] = result
+    return out
+
+
+def _map_call(spec: tuple, block: Any, *extra: Any) -> np.ndarray:
+    kernel, names, extra_names, pass_offset, kw = spec
+    kwargs = dict(kw, **dict(zip(extra_names, extra[1:] if pass_offset else extra)))
+    if pass_offset:
+        kwargs["frame_offset"] = int(extra[0][0])
+    return _box(_checked_call(kernel, names, block, **kwargs), block.ndim)
+
+
+def _packed(call: Callable[..., np.ndarray], name: str, spec: Delayed, arrays: Sequence[da.Array]) -> da.Array:
+    """``call(spec, block, *blocks)`` per chunk along the first axis, as an object array.
+
+    Every array is cut along its first axis like the first one and passed whole along the
+    others (each must already be one chunk there). The result has the first array's number
+    of dimensions, one object per chunk: the same index as the first array, which is what
+    lets Dask fuse this layer with the one that reads it.
+    """
+    lead = arrays[0]
+    out_index = string.ascii_letters[: lead.ndim]
+    args: list[Any] = [spec, None, lead, out_index]
+    for k, a in enumerate(arrays[1:]):
+        start = lead.ndim + 8 * k
+        args += [a, "a" + string.ascii_letters[start : start + a.ndim - 1]]
+    return da.blockwise(
+        call, out_index, *args, name=name, dtype=object, concatenate=True,
+        adjust_chunks=dict.fromkeys(out_index, 1), meta=np.empty((0,) * lead.ndim, dtype=object),
+    )
+
+
+def _pick(packed: np.ndarray, name: str) -> Any:
+    return packed.flat[0][name]
+
+
+def _unpack(
+    packed: da.Array, chunks0: tuple[int, ...], like: da.Array | None,
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], prefix: str, token: str,
+) -> dict[str, da.Array]:
+    """One array per output, chunked ``chunks0`` along the first axis, of the NumPy/CuPy kind of ``like``."""
+    result = {}
+    for out, (tail, dtype) in specs.items():
+        meta = np.empty((0,) * (1 + len(tail)), dtype=dtype) if like is None else _meta(like, 1 + len(tail), dtype)
+        result[out] = da.map_blocks(
+            _pick, packed, out, name=f"{prefix}-{out}-{token}", dtype=dtype,
+            chunks=(chunks0,) + tuple((n,) for n in tail), drop_axis=list(range(1, packed.ndim)),
+            new_axis=list(range(1, 1 + len(tail))), meta=meta,
+        )
+    return result
 
 
 def _aligned(frames: da.Array, per_frame: Mapping[str, Any]) -> dict[str, da.Array]:
@@ -238,54 +292,14 @@ def map_frames(
     extras = _aligned(frames, per_frame or {})
     prefix = name or getattr(kernel, "__name__", "kernel")
     token = tokenize(kernel, frames, specs, kwargs, pass_offset, extras)
-    kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
-    inner = (0,) * (frames.ndim - 1)
-    names = list(specs)
-    extra_names = list(extras)
-    layer: dict[Any, Any] = {kwname: DataNode(kwname, kwargs)}
-    starts = np.cumsum((0,) + frames.chunks[0][:-1])
-    source = frames.__dask_graph__()
-    for i in range(frames.numblocks[0]):
-        block = _read_inline(source, (frames.name, i) + inner)
-        offset = int(starts[i]) if pass_offset else None
-        extra_blocks = [TaskRef((a.name, i) + (0,) * (a.ndim - 1)) for a in extras.values()]
-        layer[(kname, i)] = Task(
-            (kname, i), apply, _block_call, List(kernel, names, offset, extra_names, block, *extra_blocks),
-            TaskRef(kwname),
-        )  # fmt: skip
-    graph = HighLevelGraph.from_collections(kname, layer, dependencies=[frames, *extras.values()])
-    result = {}
-    for out, (tail, dtype) in specs.items():
-        oname = f"{prefix}-{out}-{token}"
-        zeros = (0,) * len(tail)
-        olayer = {(oname, i) + zeros: (operator.getitem, (kname, i), out) for i in range(frames.numblocks[0])}
-        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {kname}}))
-        chunks = (frames.chunks[0],) + tuple((s,) for s in tail)
-        result[out] = da.Array(g, oname, chunks, meta=_meta(frames, 1 + len(tail), dtype))
-    return result
-
-
-#: Dask's readers of stored arrays (`da.from_array`, `xr.open_zarr`, HDF5).
-_GETTERS = (da.core.getter, da.core.getter_nofancy, da.core.getter_inline)
-
-
-def _read_inline(graph: Mapping[Any, Any], key: Any) -> Any:
-    """The task that reads block ``key`` from its store, to run inside the kernel's task.
-
-    A chunk read from Zarr or HDF5 is then decoded and reduced in one task: no decoded
-    frame block is handed between tasks or held by the scheduler. Anything else (persisted or
-    computed frames) stays a reference to its own task.
-    """
-    task = graph.get(key)
-    if isinstance(task, Task) and task.func in _GETTERS:
-        if all(_is_data(graph.get(dep)) for dep in task.dependencies):
-            return task
-    return TaskRef(key)
-
-
-def _is_data(node: Any) -> bool:
-    # A stored array's handle: a DataNode, or a raw value in a legacy graph (not a task).
-    return isinstance(node, DataNode) or not (isinstance(node, GraphNode) or istask(node))
+    arrays = [frames]
+    if pass_offset:
+        # The frame index, cut like the frames: its first entry in a block is the block's offset.
+        arrays.append(da.arange(frames.shape[0], chunks=(frames.chunks[0],)))
+    arrays += list(extras.values())
+    spec = _spec(prefix, token, kernel, tuple(specs), tuple(extras), pass_offset, kwargs)
+    packed = _packed(_map_call, f"{prefix}-{token}", spec, arrays)
+    return _unpack(packed, frames.chunks[0], frames, specs, prefix, token)
 
 
 def _sum_partials(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -338,42 +352,61 @@ def reduce_frames(
     dict of str to dask.array.Array
         One single-chunk array per output.
     """
-    if int(split_every) < 2:
-        raise ParameterError(f"split_every must be ≥ 2, got {split_every}.")
     frames = _frame_blocks(frames)
     specs = _check_outputs(outputs)
     kwargs = dict(kwargs or {})
     combine = combine or _sum_partials
     prefix = name or getattr(kernel, "__name__", "reduce")
     token = tokenize(kernel, frames, specs, kwargs, combine, split_every)
-    kwname = f"{prefix}-kwargs-{token}"
-    inner = (0,) * (frames.ndim - 1)
-    names = list(specs)
-    level_name = f"{prefix}-partial0-{token}"
-    layer: dict[Any, Any] = {kwname: kwargs}
-    keys = []
-    for i in range(frames.numblocks[0]):
-        layer[(level_name, i)] = (apply, _checked_call, [kernel, names, (frames.name, i) + inner], kwname)
-        keys.append((level_name, i))
-    depth = 0
-    while len(keys) > 1:
-        depth += 1
-        level_name = f"{prefix}-partial{depth}-{token}"
-        groups = [keys[j : j + split_every] for j in range(0, len(keys), split_every)]
-        keys = []
-        for j, group in enumerate(groups):
-            layer[(level_name, j)] = (combine, list(group))
-            keys.append((level_name, j))
-    final = keys[0]
-    graph = HighLevelGraph.from_collections(f"{prefix}-{token}", layer, dependencies=[frames])
+    packed = _packed(_reduce_call, f"{prefix}-partial0-{token}", _spec(prefix, token, kernel, tuple(specs), kwargs), [frames])
+    boxes = list(packed.to_delayed().ravel())
+    final = _tree(boxes, combine, split_every, f"{prefix}-partial", token, unbox=True)
     result = {}
     for out, (shape, dtype) in specs.items():
-        oname = f"{prefix}-{out}-{token}"
-        olayer = {(oname,) + (0,) * len(shape): (operator.getitem, final, out)}
-        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {f"{prefix}-{token}"}}))
-        chunks = tuple((s,) for s in shape)
-        result[out] = da.Array(g, oname, chunks, meta=_meta(frames, len(shape), dtype))
+        value = dask.delayed(_pick_dict, pure=True)(final, out, dask_key_name=f"{prefix}-{out}-{token}")
+        result[out] = da.from_delayed(value, shape, dtype=dtype, meta=_meta(frames, len(shape), dtype))
     return result
+
+
+def _reduce_call(spec: tuple, block: Any) -> np.ndarray:
+    kernel, names, kw = spec
+    return _box(_checked_call(kernel, names, block, **kw), block.ndim)
+
+
+def _pick_dict(result: Mapping[str, Any], name: str) -> Any:
+    return result[name]
+
+
+def _combine_boxes(combine: Callable[[Sequence[Any]], Any], boxes: Sequence[np.ndarray]) -> Any:
+    return combine([b.flat[0] for b in boxes])
+
+
+def _tree(
+    level: list[Any], combine: Callable[[Sequence[Any]], Any], split_every: int, prefix: str | None, token: str,
+    unbox: bool = False,
+) -> Delayed:
+    """Partials combined ``split_every`` at a time, in list order, until one is left.
+
+    With ``unbox`` the first level takes the one-object chunks of `_packed` and always runs,
+    so even a single partial comes out as the kernel's dict.
+    """
+    if int(split_every) < 2:
+        raise ParameterError(f"split_every must be ≥ 2, got {split_every}.")
+    if not level:
+        raise ParameterError("a tree reduction needs at least one partial result.")
+    depth = 0
+    while len(level) > 1 or (unbox and depth == 0):
+        depth += 1
+        groups = [level[j : j + split_every] for j in range(0, len(level), split_every)]
+        first = unbox and depth == 1
+        level = [
+            dask.delayed(_combine_boxes if first else combine, pure=True)(
+                *((combine,) if first else ()), group,
+                dask_key_name=None if prefix is None else f"{prefix}{depth}-{token}-{j}",
+            )
+            for j, group in enumerate(groups)
+        ]  # fmt: skip
+    return level[0]
 
 
 def tree_combine(
@@ -399,17 +432,7 @@ def tree_combine(
     -------
     dask.delayed.Delayed
     """
-    import dask
-
-    if int(split_every) < 2:
-        raise ParameterError(f"split_every must be ≥ 2, got {split_every}.")
-    if not parts:
-        raise ParameterError("tree_combine needs at least one partial result.")
-    combine = combine or _sum_partials
-    level = list(parts)
-    while len(level) > 1:
-        level = [dask.delayed(combine)(level[j : j + split_every]) for j in range(0, len(level), split_every)]
-    return level[0]
+    return _tree(list(parts), combine or _sum_partials, split_every, None, "")
 
 
 def _swap_leading(x: Any) -> Any:
@@ -462,34 +485,37 @@ def pair_blocks(
         raise ParameterError(f"mirror names outputs {sorted(unknown)} that are not declared.")
     prefix = name or getattr(kernel, "__name__", "pairs")
     token = tokenize(kernel, a, b, specs, kwargs, symmetric, mirror)
-    kname, kwname = f"{prefix}-{token}", f"{prefix}-kwargs-{token}"
-    ia, ib = (0,) * (a.ndim - 1), (0,) * (b.ndim - 1)
-    names = list(specs)
-    layer: dict[Any, Any] = {kwname: kwargs}
-    nb_a, nb_b = a.numblocks[0], b.numblocks[0]
-    for i in range(nb_a):
-        for j in range(i if symmetric else 0, nb_b):
-            layer[(kname, i, j)] = (
-                apply,
-                _checked_call,
-                [kernel, names, (a.name, i) + ia, (b.name, j) + ib],
-                kwname,
-            )
-    deps = [a] if symmetric else [a, b]
-    graph = HighLevelGraph.from_collections(kname, layer, dependencies=deps)
+    spec = _spec(prefix, token, kernel, tuple(specs), kwargs)
+    blocks_a = list(a.to_delayed().reshape(a.numblocks[0]))
+    blocks_b = blocks_a if symmetric else list(b.to_delayed().reshape(b.numblocks[0]))
+    tiles = {
+        (i, j): dask.delayed(_pair_call, pure=True)(spec, blocks_a[i], blocks_b[j], dask_key_name=f"{prefix}-{token}-{i}-{j}")
+        for i in range(len(blocks_a))
+        for j in range(i if symmetric else 0, len(blocks_b))
+    }
     result = {}
     for out, (tail, dtype) in specs.items():
-        oname = f"{prefix}-{out}-{token}"
         flip = mirror.get(out, _swap_leading)
-        zeros = (0,) * len(tail)
-        olayer: dict[Any, Any] = {}
-        for i in range(nb_a):
-            for j in range(nb_b):
-                if symmetric and j < i:
-                    olayer[(oname, i, j) + zeros] = (flip, (operator.getitem, (kname, j, i), out))
-                else:
-                    olayer[(oname, i, j) + zeros] = (operator.getitem, (kname, i, j), out)
-        g = HighLevelGraph.merge(graph, HighLevelGraph({oname: olayer}, {oname: {kname}}))
-        chunks = (a.chunks[0], b.chunks[0]) + tuple((s,) for s in tail)
-        result[out] = da.Array(g, oname, chunks, meta=_meta(a, 2 + len(tail), dtype))
+        meta = _meta(a, 2 + len(tail), dtype)
+        rows = []
+        for i, ni in enumerate(a.chunks[0]):
+            row = []
+            for j, nj in enumerate(b.chunks[0]):
+                lower = symmetric and j < i
+                tile = dask.delayed(_pair_tile, pure=True)(
+                    tiles[(j, i) if lower else (i, j)], out, flip if lower else None,
+                    dask_key_name=f"{prefix}-{out}-{token}-{i}-{j}",
+                )
+                row.append(da.from_delayed(tile, (ni, nj) + tail, dtype=dtype, meta=meta))
+            rows.append(da.concatenate(row, axis=1))
+        result[out] = da.concatenate(rows, axis=0)
     return result
+
+
+def _pair_call(spec: tuple, block_a: Any, block_b: Any) -> dict[str, Any]:
+    kernel, names, kw = spec
+    return _checked_call(kernel, names, block_a, block_b, **kw)
+
+
+def _pair_tile(tile: Mapping[str, Any], name: str, flip: Callable[[Any], Any] | None) -> Any:
+    return tile[name] if flip is None else flip(tile[name])
