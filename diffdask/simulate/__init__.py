@@ -17,15 +17,17 @@ from diffdask.simulate.common import (
     detector_mask,
     quaternion_to_matrix,
 )
+from diffdask.simulate.formfactor import (
+    FormFactorVolume,
+    form_factor_volume,
+    required_grid_size,
+    trilinear,
+)
 from diffdask.simulate.particles import (
     SHAPES,
-    FormFactorVolume,
     Particle,
-    form_factor_volume,
     melting_ensemble,
-    required_grid_size,
     sphere_amplitude,
-    trilinear,
 )
 from diffdask.simulate.ptycho import (
     PtychoSample,

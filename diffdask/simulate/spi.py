@@ -42,7 +42,8 @@ from diffdask.simulate.common import (
     random_quaternion,
     random_unit_vector,
 )
-from diffdask.simulate.particles import FormFactorVolume, Particle, form_factor_volume
+from diffdask.simulate.formfactor import FormFactorVolume, form_factor_volume
+from diffdask.simulate.particles import Particle
 
 METHODS = ("auto", "exact", "slicing")
 #: Pixels (frames × detector pixels) computed together inside a kernel: the float32
