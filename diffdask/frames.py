@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -190,6 +191,44 @@ def validate(ds: Any) -> xr.Dataset:
         if n_bad:
             warn_nonfinite(n_bad)
     return ds
+
+
+@dataclass(frozen=True)
+class CheckedStack:
+    """A frame stack checked at the door, with what every graph builder needs from it.
+
+    Attributes
+    ----------
+    ds : xarray.Dataset
+        The validated frame stack (unchanged).
+    mask : ndarray of bool, shape (ny, nx)
+        Good pixels (all True when the stack has no mask).
+    geometry : Geometry or None
+        The stack's geometry, when its attrs hold one.
+    """
+
+    ds: xr.Dataset
+    mask: np.ndarray
+    geometry: Geometry | None
+
+    @property
+    def frames(self) -> Any:
+        """The frames' array (Dask, NumPy or CuPy blocks), shape (n_frames, ny, nx)."""
+        return self.ds["frames"].data
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return tuple(self.ds["frames"].shape[1:])
+
+
+def checked(ds: Any) -> CheckedStack:
+    """Validate ``ds`` once and return it with its mask and geometry (see `validate`).
+
+    The one door of every graph builder: one call, then the builder walks straight down to
+    its kernels with what it returns.
+    """
+    ds = validate(ds)
+    return CheckedStack(ds, get_mask(ds), get_geometry(ds))
 
 
 def warn_nonfinite(n_pixels: int) -> None:

@@ -22,7 +22,7 @@ import xarray as xr
 from diffdask.blocks import map_frames, reduce_frames
 from diffdask.checks import check_choice, check_int
 from diffdask.errors import ParameterError, SchemaError
-from diffdask.frames import frames_per_chunk, get_geometry, get_mask, validate
+from diffdask.frames import CheckedStack, checked, frames_per_chunk
 from diffdask.latent.kernels import features_kernel, fix_signs, moments_kernel, project_kernel
 from diffdask.latent.model import LatentModel
 from diffdask.latent.preprocess import FeatureLayout, Preprocessing, feature_layout
@@ -38,10 +38,9 @@ def _frames(ds: xr.Dataset) -> da.Array:
     return da.from_array(data, chunks=(frames_per_chunk(data.shape[1:], data.dtype), -1, -1))
 
 
-def _layout_of(ds: xr.Dataset, prep: Preprocessing) -> FeatureLayout:
-    geometry = get_geometry(ds)
-    center = tuple(geometry.beam_center_yx) if geometry is not None else None
-    return feature_layout(get_mask(ds), prep, center)
+def _layout_of(stack: CheckedStack, prep: Preprocessing) -> FeatureLayout:
+    center = tuple(stack.geometry.beam_center_yx) if stack.geometry is not None else None
+    return feature_layout(stack.mask, prep, center)
 
 
 def latent_features(ds: xr.Dataset, prep: Preprocessing | None = None) -> xr.DataArray:
@@ -58,14 +57,15 @@ def latent_features(ds: xr.Dataset, prep: Preprocessing | None = None) -> xr.Dat
     -------
     xarray.DataArray, dims (frame, feature), float32
     """
-    ds = validate(ds)
+    stack = checked(ds)
+    ds = stack.ds
     prep = prep or Preprocessing()
-    layout = _layout_of(ds, prep)
+    layout = _layout_of(stack, prep)
     out = map_frames(
         features_kernel,
         _frames(ds),
         {"features": ((layout.n_features,), np.float32)},
-        kwargs={"prep": prep, "layout": layout, "mask": get_mask(ds)},
+        kwargs={"prep": prep, "layout": layout, "mask": stack.mask},
         name="latent-features",
         pass_offset=True,
     )
@@ -175,10 +175,11 @@ def fit_latent(
         Unknown method, bad preprocessing, ``n_components`` larger than the pixel (feature)
         count or the frame count, frames without photons.
     """
-    ds = validate(ds)
+    stack = checked(ds)
+    ds = stack.ds
     check_choice("method", method, METHODS)
     prep = Preprocessing(crop=crop, downsample=downsample, factor=factor, normalize=normalize, intensity=intensity)
-    layout = _layout_of(ds, prep)
+    layout = _layout_of(stack, prep)
     n_frames = int(ds.sizes["frame"])
     k = _check_components(n_components, n_frames, layout.n_features)
     features = latent_features(ds, prep).data
@@ -287,7 +288,8 @@ def transform(ds: xr.Dataset, model: LatentModel) -> xr.Dataset:
     SchemaError
         If the frames are not the shape the model was fitted on.
     """
-    ds = validate(ds)
+    stack = checked(ds)
+    ds = stack.ds
     if not isinstance(model, LatentModel):
         raise ParameterError(f"model must be a LatentModel (from fit_latent or LatentModel.load), got {type(model).__name__}.")
     shape = tuple(int(s) for s in ds["frames"].shape[1:])
@@ -301,7 +303,7 @@ def transform(ds: xr.Dataset, model: LatentModel) -> xr.Dataset:
         kwargs={
             "prep": model.prep,
             "layout": model.layout,
-            "mask": get_mask(ds),
+            "mask": stack.mask,
             "mean": model.mean,
             "components": model.components,
         },

@@ -12,7 +12,7 @@ import xarray as xr
 from diffdask.backend import array_namespace
 from diffdask.blocks import map_frames
 from diffdask.errors import GeometryError
-from diffdask.frames import get_geometry, get_mask, validate
+from diffdask.frames import checked
 from diffdask.geometry import Geometry
 from diffdask.reduce.kernel import BinPlan, build_plan, check_mask, radial_bins, reduce_block
 
@@ -52,10 +52,9 @@ def prepare(
     center: Any = None,
 ) -> tuple[xr.Dataset, Geometry | None, BinPlan, Annuli | None]:
     """Validate a frame stack and build its kernel plan (with annuli when ``radial``)."""
-    ds = validate(ds)
-    shape = tuple(ds["frames"].shape[1:])
-    geometry = get_geometry(ds)
-    mask = check_mask(get_mask(ds))
+    stack = checked(ds)
+    ds, geometry, shape = stack.ds, stack.geometry, stack.frame_shape
+    mask = check_mask(stack.mask)
     if not radial:
         return ds, geometry, build_plan(mask), None
     c = resolve_center(shape, geometry, center)

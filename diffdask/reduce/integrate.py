@@ -21,7 +21,7 @@ import xarray as xr
 
 from diffdask.checks import check_int
 from diffdask.errors import GeometryError, ParameterError
-from diffdask.frames import frame_coords, get_geometry, get_mask, provenance, validate
+from diffdask.frames import CheckedStack, checked, frame_coords, provenance
 from diffdask.geometry import pixel_radius_map
 from diffdask.reduce._graph import resolve_center, run_fused
 from diffdask.reduce.kernel import MAX_BINS, build_plan, check_mask, uniform_bin_index
@@ -35,9 +35,8 @@ RADIAL_UNITS = {
 ERROR_MODELS = (None, "poisson")
 
 
-def _radial_map(ds: xr.Dataset, unit: str, center: Any) -> np.ndarray:
-    shape = tuple(ds["frames"].shape[1:])
-    geometry = get_geometry(ds)
+def _radial_map(stack: CheckedStack, unit: str, center: Any) -> np.ndarray:
+    shape, geometry = stack.frame_shape, stack.geometry
     if not isinstance(unit, str) or unit not in RADIAL_UNITS:
         raise ParameterError(f"unit must be one of {sorted(RADIAL_UNITS)}, got {unit!r}.")
     if unit == "r_px":
@@ -54,9 +53,9 @@ def _radial_map(ds: xr.Dataset, unit: str, center: Any) -> np.ndarray:
     return np.degrees(geometry.two_theta_rad)
 
 
-def _azimuth_deg(ds: xr.Dataset, center: Any) -> np.ndarray:
-    shape = tuple(ds["frames"].shape[1:])
-    cy, cx = resolve_center(shape, get_geometry(ds), center)
+def _azimuth_deg(stack: CheckedStack, center: Any) -> np.ndarray:
+    shape = stack.frame_shape
+    cy, cx = resolve_center(shape, stack.geometry, center)
     pixel_radius_map(shape, (cy, cx))  # validates the centre
     y = np.arange(shape[0], dtype=float)[:, None] - cy
     x = np.arange(shape[1], dtype=float)[None, :] - cx
@@ -153,16 +152,17 @@ def integrate1d(
     GeometryError
         For q/2θ without a geometry, or a centre off the detector.
     """
-    ds = validate(ds)
+    stack = checked(ds)
+    ds = stack.ds
     npt = check_int("npt", npt, 1, MAX_BINS, "bins")
     _check_error_model(error_model)
-    mask = check_mask(get_mask(ds))
-    radial = _radial_map(ds, unit, center)
+    mask = check_mask(stack.mask)
+    radial = _radial_map(stack, unit, center)
     lo, hi = _radial_span(radial, mask, radial_range)
     index = uniform_bin_index(radial, lo, (hi - lo) / npt, npt)
     if azimuth_range is not None:
         alo, ahi = _span(azimuth_range, "azimuth_range")
-        chi = _azimuth_deg(ds, center)
+        chi = _azimuth_deg(stack, center)
         index = np.where((chi >= alo) & (chi < ahi), index, -1)
     plan = build_plan(mask, index, npt)
     out = run_fused(ds, plan, None, com=False, bins=True, name="integrate1d", variance=error_model == "poisson")
@@ -216,19 +216,20 @@ def integrate2d(
     ParameterError, GeometryError
         As in `integrate1d`.
     """
-    ds = validate(ds)
+    stack = checked(ds)
+    ds = stack.ds
     npt_rad = check_int("npt_rad", npt_rad, 1, MAX_BINS, "bins")
     npt_azim = check_int("npt_azim", npt_azim, 1, MAX_BINS, "bins")
     _check_error_model(error_model)
-    mask = check_mask(get_mask(ds))
-    radial = _radial_map(ds, unit, center)
+    mask = check_mask(stack.mask)
+    radial = _radial_map(stack, unit, center)
     lo, hi = _radial_span(radial, mask, radial_range)
     if azimuth_range is None:
         alo, ahi = -180.0, float(np.nextafter(180.0, np.inf))  # atan2 reaches +180 exactly
     else:
         alo, ahi = _span(azimuth_range, "azimuth_range")
     kr = uniform_bin_index(radial, lo, (hi - lo) / npt_rad, npt_rad)
-    ka = uniform_bin_index(_azimuth_deg(ds, center), alo, (ahi - alo) / npt_azim, npt_azim)
+    ka = uniform_bin_index(_azimuth_deg(stack, center), alo, (ahi - alo) / npt_azim, npt_azim)
     index = np.where((kr >= 0) & (ka >= 0), ka * npt_rad + kr, -1)
     plan = build_plan(mask, index, npt_rad * npt_azim)
     out = run_fused(ds, plan, None, com=False, bins=True, name="integrate2d", variance=error_model == "poisson")
