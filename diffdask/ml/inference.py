@@ -20,8 +20,9 @@ import xarray as xr
 from dask.base import tokenize
 
 from diffdask.blocks import map_frames
+from diffdask.checks import check_int
 from diffdask.errors import ParameterError, SchemaError
-from diffdask.frames import get_geometry, get_mask, validate
+from diffdask.frames import checked
 from diffdask.ml.models import ModelFileError, ModelSpec, load_model
 from diffdask.ml.preprocess import Preprocess
 
@@ -155,12 +156,11 @@ def predict(
     SchemaError
         Frames whose shape cannot give the model's input patch.
     """
-    validate(ds)
+    stack = checked(ds)
     paths = [str(Path(p).with_suffix(".pt").resolve()) for p in ([model] if isinstance(model, (str, os.PathLike)) else model)]
     if not paths:
         raise ParameterError("predict needs at least one model path.")
-    if int(batch_size) < 1:
-        raise ParameterError(f"batch_size must be ≥ 1, got {batch_size}.")
+    batch_size = check_int("batch_size", batch_size, 1, what="frames")
     specs = [load_model(p, "cpu")[1] for p in paths]
     first = specs[0]
     if any(s.outputs != first.outputs or s.preprocess != first.preprocess or s.kind != first.kind for s in specs):
@@ -168,7 +168,7 @@ def predict(
     if mirror and first.kind != "classifier":
         raise ParameterError("mirroring is a test-time augmentation for classifiers only.")
     prep = Preprocess.from_dict(first.preprocess)
-    frame_shape = ds["frames"].shape[1:]
+    frame_shape = stack.frame_shape
     needed = first.input_shape
     patch = prep.crop or frame_shape
     if needed and tuple(patch) != tuple(needed):
@@ -176,7 +176,7 @@ def predict(
             f"this {first.architecture} was trained on {needed[0]}×{needed[1]} patches but these "
             f"{frame_shape[0]}×{frame_shape[1]} frames give {patch[0]}×{patch[1]}; resample the frames or retrain."
         )
-    geometry = get_geometry(ds)
+    geometry = stack.geometry
     center = geometry.beam_center_yx if geometry else ((frame_shape[0] - 1) / 2, (frame_shape[1] - 1) / 2)
     try:
         from distributed import default_client
@@ -189,10 +189,10 @@ def predict(
     n_out = len(first.outputs)
     out = map_frames(
         _predict_kernel,
-        ds["frames"].data,
+        stack.frames,
         {"outputs": ((n_out,), np.float32)},
         kwargs={"paths": paths, "device": device, "batch_size": int(batch_size), "mirror": bool(mirror),
-                "mask": get_mask(ds), "center": tuple(center), "preprocess": first.preprocess},
+                "mask": stack.mask, "center": tuple(center), "preprocess": first.preprocess},
         name="predict",
     )
     name = "probabilities" if first.kind == "classifier" else "predictions"
