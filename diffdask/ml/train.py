@@ -24,7 +24,7 @@ from torch import nn
 
 from diffdask.blocks import map_frames
 from diffdask.errors import ParameterError, SchemaError
-from diffdask.frames import get_geometry, get_mask, validate
+from diffdask.frames import checked, validate
 from diffdask.ml.augment import Augment
 from diffdask.ml.models import ModelSpec, save_model
 from diffdask.ml.nets import build
@@ -65,12 +65,12 @@ def _inputs_kernel(block: np.ndarray, preprocess: dict[str, Any], mask: np.ndarr
 
 def network_inputs(ds: xr.Dataset, preprocess: Preprocess) -> np.ndarray:
     """All frames of ``ds`` preprocessed for a network, as a float32 ``(n, 1, h, w)`` array."""
-    shape = ds["frames"].shape[1:]
-    geometry = get_geometry(ds)
+    stack = checked(ds)
+    shape, geometry = stack.frame_shape, stack.geometry
     center = geometry.beam_center_yx if geometry else ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
     h, w = preprocess.crop or shape
-    out = map_frames(_inputs_kernel, ds["frames"].data, {"x": ((1, h, w), np.float32)},
-                     kwargs={"preprocess": preprocess.to_dict(), "mask": get_mask(ds), "center": tuple(center)},
+    out = map_frames(_inputs_kernel, stack.frames, {"x": ((1, h, w), np.float32)},
+                     kwargs={"preprocess": preprocess.to_dict(), "mask": stack.mask, "center": tuple(center)},
                      name="network-inputs")
     return np.asarray(out["x"].compute())
 
@@ -87,14 +87,20 @@ def _labels(ds: xr.Dataset, label: str) -> np.ndarray:
     return y
 
 
+def _optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam at ``config.learning_rate`` with the polynomial decay to zero over ``config.steps``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1 - step / config.steps) ** config.lr_power)
+    return optimizer, schedule
+
+
 def _train_one(x: np.ndarray, y: np.ndarray, config: TrainConfig, folder: Path, seed: int,
                progress: Callable[[int, int, float], None] | None) -> nn.Module:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build(config.architecture, config.arch_kwargs)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1 - step / config.steps) ** config.lr_power)
+    optimizer, schedule = _optimizer(model, config)
     weights = None if config.class_weights is None else torch.tensor(config.class_weights, dtype=torch.float32)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     start = 0
@@ -244,8 +250,7 @@ def train_regressor(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build(config.architecture, {**config.arch_kwargs, "n_outputs": len(targets)})
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / config.steps) ** config.lr_power)
+    optimizer, schedule = _optimizer(model, config)
     # Geometric augmentations would move the targets: only the intensity ones stay on.
     intensity_only = None if config.augment is None else replace(
         config.augment, p_rotate=0, p_scale=0, p_shift=0, p_elastic=0, p_mirror=0)
