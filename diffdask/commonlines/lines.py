@@ -35,6 +35,7 @@ import scipy.sparse as sp
 from diffdask.backend import array_namespace, library_of, to_cpu
 from diffdask.blocks import map_frames
 from diffdask.errors import ParameterError, SchemaError
+from diffdask.frames import checked
 from diffdask.geometry import Geometry
 
 INTERPOLATIONS = ("nearest", "bilinear")
@@ -289,13 +290,11 @@ def as_average_stack(
 
         averages = open_frames(averages)
     if isinstance(averages, xr.Dataset):
-        from diffdask.frames import get_geometry, get_mask, validate
-
-        validate(averages)
-        geometry = get_geometry(averages)
+        stack = checked(averages)
+        geometry = stack.geometry
         if mask is None and "mask" in averages.variables:
-            mask = get_mask(averages)
-        averages = averages["frames"].data
+            mask = stack.mask
+        averages = stack.frames
     elif isinstance(averages, xr.DataArray):
         averages = averages.data
     in_memory = not isinstance(averages, da.Array)

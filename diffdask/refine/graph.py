@@ -18,7 +18,7 @@ from diffdask._version import __version__
 from diffdask.blocks import map_frames, reduce_frames
 from diffdask.checks import check_choice, check_int, check_nonnegative
 from diffdask.errors import GeometryError, ParameterError, SchemaError
-from diffdask.frames import FRAME_DIMS, get_geometry, get_mask, validate
+from diffdask.frames import FRAME_DIMS, CheckedStack, checked
 from diffdask.geometry import Geometry
 from diffdask.refine.kernels import GEOMETRY_FIELDS, TO_FIT, refine_kernel, run_normal_equations_kernel
 from diffdask.refine.model import geometry_at
@@ -54,10 +54,10 @@ def _starting_values(ds: xr.Dataset, geometry: Geometry, initial: Any) -> da.Arr
     return da.stack(columns, axis=1)
 
 
-def _checked(ds: xr.Dataset, rings: Any, polarization: str, fit_distance: bool, exclude_radius_px: float,
+def _checked(stack: CheckedStack, rings: Any, polarization: str, fit_distance: bool, exclude_radius_px: float,
              reject_sigma: float, spot_radius_px: float, rounds: int) -> tuple[Geometry, np.ndarray, dict[str, Any]]:
     # The checks every refinement makes at the door; returns the geometry, rings and options.
-    geometry = get_geometry(ds)
+    geometry = stack.geometry
     if geometry is None:
         raise SchemaError("geometry refinement needs the detector's nominal geometry in the dataset attrs "
                           "(wavelength_m, distance_m, pixel_size_m, beam_center_yx).")
@@ -136,16 +136,17 @@ def refine_geometry(
     ParameterError
         Bad rings, options or starting values.
     """
-    ds = validate(ds)
-    geometry, ring_array, options = _checked(ds, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
+    stack = checked(ds)
+    ds = stack.ds
+    geometry, ring_array, options = _checked(stack, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
                                              spot_radius_px, rounds)
     options["min_ring_snr"] = check_nonnegative("min_ring_snr", min_ring_snr, "standard errors")
     start = _starting_values(ds, geometry, initial)
     out = map_frames(
-        refine_kernel, ds["frames"].data,
+        refine_kernel, stack.frames,
         {"parameters": ((5,), np.float64), "errors": ((5,), np.float64), "chi2_reduced": ((), np.float64),
          "ring_snr": ((), np.float64), "refined": ((), bool)},
-        kwargs={"mask": np.asarray(get_mask(ds)), "geometry": geometry, "rings": ring_array, "options": options},
+        kwargs={"mask": stack.mask, "geometry": geometry, "rings": ring_array, "options": options},
         name="refine-geometry", per_frame={"start": start},
     )
     data: dict[str, Any] = {}
@@ -216,8 +217,9 @@ def refine_run_geometry(
     SchemaError, ParameterError
         As `refine_geometry`; ParameterError also if no frame holds enough usable pixels.
     """
-    ds = validate(ds)
-    geometry, ring_array, options = _checked(ds, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
+    stack = checked(ds)
+    ds = stack.ds
+    geometry, ring_array, options = _checked(stack, rings, polarization, fit_distance, exclude_radius_px, reject_sigma,
                                              spot_radius_px, rounds)
     rounds = options.pop("rounds")
     max_iterations = check_int("max_iterations", max_iterations, minimum=1)
@@ -235,8 +237,7 @@ def refine_run_geometry(
     except GeometryError as exc:
         raise ParameterError(f"initial geometry is not usable: {exc}") from None
     free = np.array([True, True, True, True, bool(fit_distance)])
-    frames = ds["frames"].data
-    mask = np.asarray(get_mask(ds))
+    frames, mask = stack.frames, stack.mask
 
     def sums(at: np.ndarray, reference: np.ndarray | None) -> dict[str, Any]:
         try:
