@@ -1,0 +1,5 @@
+"""``python -m diffdask.cli``: the ``diffdask`` command."""
+
+from diffdask.cli import main
+
+main()
