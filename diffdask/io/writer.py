@@ -18,12 +18,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -123,6 +125,7 @@ def _prepare(
     g = root if group == "" else root.require_group(group)
     meta = g.attrs.get(BOOKKEEPING_ATTR)
     if meta is not None and meta.get("layout") == layout and not (overwrite and group):
+        _remove_torn_writes(loc, group)
         plan = _plan_for(ds, loc, group, batch)
         done = np.asarray(g[f"{BOOKKEEPING_GROUP}/done"][:])
         return plan, [int(i) for i in np.flatnonzero(done < 0)]
@@ -170,6 +173,26 @@ def _prepare(
     }  # fmt: skip
     g.attrs.update(attrs)
     return _plan_for(ds, loc, group, batch), list(range(n_batches))
+
+
+#: How zarr's local store names a file while writing it (``<key>.<uuid4 hex>.partial``, renamed
+#: into place when complete): one left behind is a write that a killed process never finished.
+_TORN_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _remove_torn_writes(loc: Location, group: str) -> None:
+    """Delete the half-written temporary files a killed writer left in a diffdask store it resumes.
+
+    Only zarr's own temporary files are removed (their names say so), inside a store that the
+    caller has recognised as diffdask's; the shards they were meant to become are rewritten
+    because their batches are not marked done.
+    """
+    if not loc.is_local:
+        return  # object stores write each object whole: nothing is left half-written
+    root = Path(loc.fs_path) / group
+    for path in root.rglob("*.partial"):
+        if _TORN_WRITE.search(path.name) and path.is_file():
+            path.unlink()
 
 
 def _plan_for(ds: xr.Dataset, loc: Location, group: str, batch: int) -> _Plan:
