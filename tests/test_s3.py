@@ -79,3 +79,18 @@ def test_interrupted_s3_write_resumes_to_identical_objects(s3, photon_stack):
     assert objects == sorted(p.split("/", 2)[2] for p in fs.find("diffdask-test/job.zarr"))
     for key in objects:
         assert fs.cat(f"diffdask-test/ref.zarr/{key}") == fs.cat(f"diffdask-test/job.zarr/{key}"), key
+
+
+def test_object_storage_without_credentials_is_a_clear_error(s3, photon_stack, monkeypatch, tmp_path):
+    # No key anywhere botocore looks (and no instance-metadata lookup: only loopback traffic).
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    anonymous = {"client_kwargs": s3["client_kwargs"]}
+    url = "s3://diffdask-test/no-credentials.zarr"
+    with pytest.raises(dd.StoreNotFoundError, match="needs credentials"):
+        open_frames(url, **anonymous)
+    with pytest.raises(dd.StoreNotFoundError, match="AWS_ACCESS_KEY_ID"):
+        save_frames(photon_stack, url, storage_options=anonymous)

@@ -18,6 +18,11 @@ from diffdask.errors import StoreNotFoundError
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
+#: What botocore raises (through s3fs) when it finds no usable credentials; named, not imported,
+#: so that local-only installations need no botocore.
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+
+
 @dataclass(frozen=True)
 class Location:
     """A store path or URL with its fsspec storage options.
@@ -62,7 +67,17 @@ class Location:
         return "/".join([self.fs_path.rstrip("/"), *parts])
 
     def exists(self) -> bool:
-        return bool(self.fs.exists(self.fs_path))
+        """True when something exists here; object storage that refuses us is a clear error."""
+        try:
+            return bool(self.fs.exists(self.fs_path))
+        except Exception as exc:
+            if type(exc).__name__ in _CREDENTIAL_ERRORS or (isinstance(exc, PermissionError) and not self.is_local):
+                raise StoreNotFoundError(
+                    f"cannot read {self.url!r}: {exc}. Object storage needs credentials: set "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass storage_options "
+                    "key=/secret= (anon=True for a public bucket); check that they may read this bucket."
+                ) from exc
+            raise
 
     def require(self) -> None:
         """Raise `StoreNotFoundError` if nothing exists at this location."""
