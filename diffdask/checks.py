@@ -57,12 +57,7 @@ def check_nonnegative(name: str, value: Any, unit: str = "", error: type[Excepti
 
 def check_fraction(name: str, value: Any) -> float:
     """A probability in [0, 1], or a `ParameterError` naming ``name``."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ParameterError(f"{name} must be a fraction in [0, 1], got {value!r}.")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a fraction in [0, 1], got {value!r}.") from None
+    v = _number(name, value, "", ParameterError)
     if not 0.0 <= v <= 1.0:
         raise ParameterError(f"{name} must be a fraction in [0, 1], got {value!r}.")
     return v
