@@ -10,13 +10,16 @@ over the pixels of a detector file. diffdask reads them into an ordinary frame s
   only, 2 = bad (also for grid positions that hold no detector pixel); ``mask`` = ``emc_mask < 2``;
 - ``corr`` (y, x) solid angle × polarisation; ``emc_x``, ``emc_y`` (y, x) detector-plane
   coordinates in pixels; ``emc_pixel`` (y, x) the Dragonfly pixel index (−1 where none);
+  ``emc_qx``, ``emc_qy``, ``emc_qz`` (y, x) the file's q-vectors in voxels (3D EMC uses them);
 - attrs ``emc_detd_px`` and ``emc_ewald_rad_vox``.
 """
 
 from __future__ import annotations
 
+import configparser
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -33,7 +36,8 @@ from diffdask.io.location import Location
 EMC_HEADER_BYTES = 1024
 
 
-def _read_detector(path: str) -> dict[str, Any]:
+def read_detector(path: str) -> dict[str, Any]:
+    """A Dragonfly HDF5 detector file as a dict: ``qx, qy, qz, corr, mask`` per pixel, ``detd``, ``ewald_rad``."""
     loc = Location.of(path)
     loc.require()
     try:
@@ -179,7 +183,7 @@ def read_emc(photons_path: str, detector_path: str, chunks: int | None = None) -
     -------
     xarray.Dataset
         Frame stack of uint16 counts with ``emc_mask``, ``corr``, ``emc_x``, ``emc_y``,
-        ``emc_pixel`` (see module docstring). Frames are densified lazily per chunk.
+        ``emc_pixel`` and the q-vectors ``emc_qx``, ``emc_qy``, ``emc_qz`` (see module docstring). Frames are densified lazily per chunk.
 
     Raises
     ------
@@ -190,7 +194,7 @@ def read_emc(photons_path: str, detector_path: str, chunks: int | None = None) -
     SchemaError
         The photons file and detector have different pixel counts.
     """
-    det = _read_detector(detector_path)
+    det = read_detector(detector_path)
     photons = _EMCPhotons(photons_path)
     num_pix = photons.num_pix
     if num_pix != det["qx"].size:
@@ -225,6 +229,7 @@ def read_emc(photons_path: str, detector_path: str, chunks: int | None = None) -
         emc_x=(("y", "x"), on_grid(x, np.nan, float)),
         emc_y=(("y", "x"), on_grid(y, np.nan, float)),
         emc_pixel=(("y", "x"), on_grid(np.arange(num_pix), -1, np.int64)),
+        **{f"emc_q{axis}": (("y", "x"), on_grid(det[f"q{axis}"].astype(float), np.nan, float)) for axis in "xyz"},
     )
 
 
@@ -338,3 +343,169 @@ def write_emc_output(
                              dtype=h5py.vlen_dtype(np.int32))
             g.create_dataset("prob", data=np.array([np.asarray(p, np.float64) for p in prob] + [None], dtype=object)[:-1],
                              dtype=h5py.vlen_dtype(np.float64))
+
+
+def read_quaternions(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a Dragonfly quaternion file: a count, then ``w x y z weight`` per line.
+
+    Returns
+    -------
+    quaternions : ndarray, shape (R, 4)
+        Unit quaternions, scalar first, as written.
+    weights : ndarray, shape (R,)
+        Weights divided by their sum (as ``emc`` does).
+    """
+    loc = Location.of(path)
+    loc.require()
+    with open(loc.fs_path) as f:
+        first = f.readline().split()
+        try:
+            count = int(first[0])
+            table = np.loadtxt(f, ndmin=2, max_rows=count)
+        except (IndexError, ValueError) as exc:
+            raise StoreFormatError(
+                f"{path!r} is not a Dragonfly quaternion file (a count, then 'w x y z weight' per line): {exc}."
+            ) from exc
+    if count < 1 or table.shape != (count, 5):
+        raise StoreFormatError(
+            f"{path!r} announces {first[0] if first else 'no'} quaternions but holds a {table.shape} table; "
+            "each line needs 5 numbers (w x y z weight)."
+        )
+    norms = np.linalg.norm(table[:, :4], axis=1)
+    if not np.all(np.abs(norms - 1.0) < 1e-6) or not np.all(table[:, 4] > 0):
+        raise StoreFormatError(f"{path!r} holds quaternions that are not unit length or weights that are not positive.")
+    return table[:, :4], table[:, 4] / table[:, 4].sum()
+
+
+def write_quaternions(path: str, quaternions: np.ndarray, weights: np.ndarray) -> None:
+    """Write a Dragonfly quaternion file (``%+17.15f`` columns, as ``make_quaternion``)."""
+    q = np.asarray(quaternions, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    with open(path, "w") as f:
+        f.write(f"{q.shape[0]}\n")
+        np.savetxt(f, np.column_stack([q, w]), fmt="%+17.15f")
+
+
+@dataclass(frozen=True)
+class DragonflyConfig:
+    """The ``[emc]`` settings of a Dragonfly ``config.ini``, with paths resolved.
+
+    Attributes
+    ----------
+    path : str
+        The config file.
+    photons, detector : str
+        ``in_photons_file`` and ``in_detector_file``.
+    quaternions : str or None
+        ``in_quat_file``; when None, ``num_div`` gives the level of a generated set.
+    num_div : int or None
+    recon_type : str
+        ``"3d"``, ``"2d"``, ...
+    output_folder : str
+    start_model_file : str or None
+    log_file : str or None
+    need_scaling : bool
+    beta : float or None
+        None: Dragonfly's per-frame β from the photon count.
+    beta_schedule : (float, int)
+    alpha : float
+    point_group : str or None
+    num_modes, num_rot : int or None
+        2D settings.
+    """
+
+    path: str
+    photons: str
+    detector: str
+    quaternions: str | None
+    num_div: int | None
+    recon_type: str
+    output_folder: str
+    start_model_file: str | None
+    log_file: str | None
+    need_scaling: bool
+    beta: float | None
+    beta_schedule: tuple[float, int]
+    alpha: float
+    point_group: str | None
+    num_modes: int | None
+    num_rot: int | None
+
+
+def read_dragonfly_config(path: str) -> DragonflyConfig:
+    """Read the ``[emc]`` section of a Dragonfly ``config.ini``.
+
+    ``section:::key`` values are looked up in the named section (recursively); relative paths
+    are taken from the config file's folder, as Dragonfly's tools run from there.
+
+    Raises
+    ------
+    StoreNotFoundError
+        The file is missing.
+    StoreFormatError
+        No ``[emc]`` section, a missing required key, a reference that does not resolve, or a
+        value that is not a number where one is needed.
+    """
+    loc = Location.of(path)
+    loc.require()
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read(loc.fs_path)
+    except configparser.Error as exc:
+        raise StoreFormatError(f"{path!r} is not a Dragonfly config file ({exc}).") from exc
+    if not parser.has_section("emc"):
+        raise StoreFormatError(f"{path!r} has no [emc] section; give the config file Dragonfly's emc reads.")
+    folder = os.path.dirname(os.path.abspath(loc.fs_path))
+
+    def value(section: str, key: str, seen: tuple[str, ...] = ()) -> str | None:
+        if not parser.has_option(section, key):
+            return None
+        raw = parser.get(section, key).strip()
+        if ":::" in raw:
+            ref_section, ref_key = raw.split(":::", 1)
+            if f"{ref_section}:::{ref_key}" in seen or not parser.has_option(ref_section, ref_key):
+                raise StoreFormatError(f"{path!r}: [{section}] {key} = {raw} refers to a key that does not exist.")
+            return value(ref_section, ref_key, (*seen, raw))
+        return raw
+
+    def file(key: str, required: bool = False) -> str | None:
+        raw = value("emc", key)
+        if raw is None:
+            if required:
+                raise StoreFormatError(f"{path!r}: [emc] needs {key}.")
+            return None
+        return raw if os.path.isabs(raw) else os.path.join(folder, raw)
+
+    def number(key: str, kind: type, default: Any) -> Any:
+        raw = value("emc", key)
+        if raw is None:
+            return default
+        try:
+            return kind(float(raw)) if kind is int else kind(raw)
+        except ValueError as exc:
+            raise StoreFormatError(f"{path!r}: [emc] {key} = {raw!r} is not a number.") from exc
+
+    schedule = (value("emc", "beta_schedule") or "1 1000000").split()
+    try:
+        beta_schedule = (float(schedule[0]), int(float(schedule[1])))
+    except (IndexError, ValueError) as exc:
+        raise StoreFormatError(f"{path!r}: [emc] beta_schedule must be 'factor period', got {schedule!r}.") from exc
+    output = file("output_folder") or os.path.join(folder, "data", "output")
+    return DragonflyConfig(
+        path=os.path.abspath(loc.fs_path),
+        photons=file("in_photons_file", required=True) or "",
+        detector=file("in_detector_file", required=True) or "",
+        quaternions=file("in_quat_file"),
+        num_div=number("num_div", int, None),
+        recon_type=(value("emc", "recon_type") or "3d").lower(),
+        output_folder=output,
+        start_model_file=file("start_model_file"),
+        log_file=file("log_file"),
+        need_scaling=bool(number("need_scaling", int, 0)),
+        beta=number("beta", float, None),
+        beta_schedule=beta_schedule,
+        alpha=number("alpha", float, 0.0),
+        point_group=value("emc", "point_group"),
+        num_modes=number("num_modes", int, None),
+        num_rot=number("num_rot", int, None),
+    )
