@@ -20,7 +20,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "diffdask.blocks": ("generate_frames", "map_frames", "pair_blocks", "reduce_frames"),
     "diffdask.cluster": ("connect",),
     "diffdask.commonlines": ("AbsoluteEmbedding", "cc_matrix", "CLPCA", "clpca", "embed", "line_samples", "rotation_invariant_features"),
-    "diffdask.emc": ("bootstrap", "EMC2D", "EMCDetector", "EMCResult"),
+    "diffdask.emc": ("bootstrap", "EMC2D", "EMC3D", "EMCDetector", "EMCResult", "Detector3D", "quaternion_set"),
     "diffdask.errors": ("BackendError", "ClusterError", "DiffdaskError", "GeometryError", "IncompleteStoreError", "NonFinitePixelsWarning", "ParameterError", "SchemaError", "StoreExistsError", "StoreFormatError", "StoreNotFoundError"),
     "diffdask.frames": ("get_geometry", "get_mask", "make_frame_stack", "validate"),
     "diffdask.geometry": ("Geometry",),

@@ -8,17 +8,15 @@ is written after its arrays, so a run killed while writing resumes from the prev
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import xarray as xr
 import zarr
 
+from diffdask.emc.result3d import EMC3DIteration, EMC3DResult
 from diffdask.errors import ParameterError, StoreExistsError
 from diffdask.io.location import Location
-
-if TYPE_CHECKING:  # pragma: no cover
-    from diffdask.emc.emc3d import EMC3DIteration, EMC3DResult
 
 KIND = "diffdask-emc3d-checkpoint"
 
@@ -66,36 +64,16 @@ class Checkpoint:
 
     def load(self, result: EMC3DResult) -> int:
         """Append the checkpointed iterations to ``result``; return how many there were."""
-        from diffdask.emc.emc3d import EMC3DIteration
-
         done = self.completed()
         for it in done:
             ds = xr.open_zarr(self.path, group=f"iter_{it:03d}", zarr_format=3, consolidated=False).load()
-            result.iterations.append(
-                EMC3DIteration(
-                    iteration=int(ds.attrs["iteration"]),
-                    model=ds["model"].values,
-                    weights=ds["weights"].values,
-                    orientation=ds["orientation"].values,
-                    max_probability=ds["max_probability"].values,
-                    entropy=ds["entropy"].values,
-                    scale=ds["scale"].values,
-                    likelihood=ds["likelihood"].values,
-                    mutual_info=ds["mutual_info"].values,
-                    probabilities=None,
-                    log_likelihood=float(ds.attrs["log_likelihood"]),
-                    mean_mutual_info=float(ds.attrs["mutual_info"]),
-                    rms_change=float(ds.attrs["rms_change"]),
-                    beta_mean=float(ds.attrs["beta_mean"]),
-                    rho=float(ds.attrs["rho"]),
-                    time_s=float(ds.attrs["time_s"]),
-                )
-            )
+            result.iterations.append(EMC3DIteration.from_dataset(ds))
         return len(done)
 
     def save(self, record: EMC3DIteration, quaternions: np.ndarray) -> None:
         """Write one iteration, then mark it complete."""
-        record.to_dataset(quaternions).to_zarr(
+        # The component labels are strings, which Zarr v3 has no stable type for; they are implied.
+        record.to_dataset(quaternions).drop_vars("component").to_zarr(
             self.path, group=f"iter_{record.iteration:03d}", mode="w", zarr_format=3, consolidated=False
         )
         root = self._root("r+")

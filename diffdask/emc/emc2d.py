@@ -60,6 +60,10 @@ def _broadcast(obj: Any) -> Any:
         client = default_client()
     except ValueError:  # no distributed client: the local scheduler shares memory
         return dask.delayed(obj)
+    from dask.base import get_scheduler
+
+    if get_scheduler() != client.get:  # a client exists, but another scheduler is chosen
+        return dask.delayed(obj)
     return client.scatter(obj, broadcast=True, hash=False)
 
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import dask
@@ -36,21 +35,28 @@ from dask.base import tokenize
 
 from diffdask.blocks import tree_combine
 from diffdask.checks import check_int, check_seed
+from diffdask.emc.checkpoint3d import Checkpoint
 from diffdask.emc.detector3d import Detector3D
 from diffdask.emc.emc2d import _broadcast, _to_counts
-from diffdask.emc.kernels import SPARSE_P_DENSITY, photon_stats, sparse_dense
-from diffdask.emc.kernels3d import (
-    block_maxima,
-    exp_weights,
-    log_likelihood_block,
-    merge_block,
-    posterior,
-    rotation_matrices,
-    slice_tomograms,
-    symmetrize_friedel,
-    symmetrize_group,
-)
+from diffdask.emc.kernels import photon_stats
+from diffdask.emc.kernels3d import rotation_matrices, symmetrize_friedel, symmetrize_group
 from diffdask.emc.quaternions import POINT_GROUPS, fundamental_zone, quaternion_set
+from diffdask.emc.result3d import EMC3DIteration, EMC3DResult
+from diffdask.emc.stages3d import (
+    _combine_maxima,
+    _combine_norms,
+    _frame_results,
+    _grid_sum,
+    _merge,
+    _rho,
+    _stage_likelihood,
+    _stage_posterior,
+    _stage_weights,
+    _Static,
+    _sums,
+    _tomograms,
+    _transpose,
+)
 from diffdask.errors import ParameterError, SchemaError, StoreExistsError
 from diffdask.frames import validate
 
@@ -60,242 +66,6 @@ FRAME_BLOCK = 512
 ROTATION_BLOCK = 512
 
 _PER_FRAME = ("orientation", "max_probability", "entropy", "scale", "likelihood", "mutual_info")
-
-
-@dataclass(frozen=True, eq=False)
-class _Static:
-    """What every task of a run needs and nothing changes: placed once on every worker."""
-
-    q: np.ndarray
-    corr: np.ndarray
-    likelihood: np.ndarray
-    rotations: list[np.ndarray]
-    log_prior: list[np.ndarray]
-    starts: list[int]
-    size: int
-    threads: int
-
-
-def _tomograms(model: np.ndarray, static: _Static, b: int) -> tuple[np.ndarray, np.ndarray]:
-    return slice_tomograms(model, static.rotations[b], static.q, static.corr, static.likelihood)
-
-
-def _rho(tomos: Sequence[tuple[np.ndarray, np.ndarray]], static: _Static, mean_count: float) -> float:
-    total = 0.0
-    for (_, u), log_prior in zip(tomos, static.log_prior):
-        total += float(np.sum(np.exp(log_prior) * u))
-    return mean_count / total
-
-
-def _stage_likelihood(counts: sp.csr_matrix, tomo: tuple[np.ndarray, np.ndarray], static: _Static, b: int,
-                      penalty: np.ndarray | None, rho: float) -> dict[str, Any]:
-    log_w, u = tomo
-    a = np.full(counts.shape[0], rho) if penalty is None else penalty
-    loglik = log_likelihood_block(counts, log_w, static.log_prior[b], a, u)
-    per_thread, best, arg = block_maxima(loglik, static.starts[b], static.threads)
-    return {"loglik": loglik, "per_thread": per_thread, "best": best, "arg": arg}
-
-
-def _combine_maxima(parts: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    per_thread = parts[0]["per_thread"].copy()
-    best, arg = parts[0]["best"].copy(), parts[0]["arg"].copy()
-    for p in parts[1:]:
-        np.maximum(per_thread, p["per_thread"], out=per_thread)
-        better = p["best"] > best  # strict: ties keep the lower rotation, as a single loop would
-        best[better], arg[better] = p["best"][better], p["arg"][better]
-    return {"per_thread": per_thread, "best": best, "arg": arg}
-
-
-def _stage_weights(part: dict[str, Any], maxima: dict[str, np.ndarray], beta: np.ndarray,
-                   tomo: tuple[np.ndarray, np.ndarray], static: _Static, b: int) -> dict[str, np.ndarray]:
-    expw, norm, sum_el, sum_eu = exp_weights(part["loglik"], maxima["best"], maxima["per_thread"], beta, tomo[1],
-                                             static.starts[b])
-    return {"expw": expw, "norm": norm, "sum_el": sum_el, "sum_eu": sum_eu}
-
-
-def _combine_norms(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    out = {k: parts[0][k].copy() for k in ("norm", "sum_el", "sum_eu")}
-    for p in parts[1:]:
-        for k in out:
-            out[k] += p[k]
-    return out
-
-
-def _stage_posterior(part: dict[str, np.ndarray], norms: dict[str, np.ndarray], counts_t: sp.csr_matrix,
-                     phi: np.ndarray, static: _Static, b: int, keep_probabilities: bool) -> dict[str, Any]:
-    trimmed, plogp, plogw, denom, nnz = posterior(part["expw"], norms["norm"], static.log_prior[b], phi)
-    if nnz < SPARSE_P_DENSITY * trimmed.size:
-        # Once β has grown few rotations per frame stay, and a sparse P makes Kᵀ·P cost
-        # Σ_d nnz(K_d)·nnz(P_d) instead of nnz(K)·Rb.
-        sparse = sp.csr_matrix(trimmed)
-        numerator = (counts_t @ sparse).toarray()
-    else:
-        sparse = sp.csr_matrix(trimmed) if keep_probabilities else None
-        numerator = sparse_dense(counts_t, trimmed)
-    out: dict[str, Any] = {"numerator": numerator, "denominator": denom, "plogp": plogp, "plogw": plogw}
-    if keep_probabilities:
-        out["probabilities"] = sparse
-    return out
-
-
-def _sums(part: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {"numerator": part["numerator"], "denominator": part["denominator"]}
-
-
-def _merge(sums: dict[str, np.ndarray], static: _Static, b: int) -> dict[str, np.ndarray]:
-    denom = sums["denominator"]
-    active = denom > 0
-    views = sums["numerator"] / np.where(active, denom, np.inf)[None, :]
-    views /= static.corr[:, None]
-    num, weight = merge_block(views, active, static.rotations[b], static.q, static.size)
-    return {"num": num, "weight": weight}
-
-
-def _frame_results(maxima: dict[str, np.ndarray], norms: dict[str, np.ndarray], posts: Sequence[dict[str, Any]],
-                   photons: np.ndarray, sum_fact: np.ndarray, rho: float, keep_probabilities: bool) -> dict[str, Any]:
-    plogp = posts[0]["plogp"].copy()
-    plogw = posts[0]["plogw"].copy()
-    for p in posts[1:]:
-        plogp += p["plogp"]
-        plogw += p["plogw"]
-    norm = norms["norm"]
-    out: dict[str, Any] = {
-        "orientation": maxima["arg"],
-        "max_probability": 1.0 / norm,
-        "entropy": -plogp,
-        "mutual_info": plogp - plogw,
-        "likelihood": norms["sum_el"] / norm - sum_fact,
-        "scale": photons / (rho * (norms["sum_eu"] / norm)),
-    }
-    if keep_probabilities:
-        out["probabilities"] = sp.hstack([p["probabilities"] for p in posts], format="csr")
-    return out
-
-
-def _grid_sum(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    out = {k: parts[0][k].copy() for k in parts[0]}
-    for p in parts[1:]:
-        for k in out:
-            out[k] += p[k]
-    return out
-
-
-@dataclass
-class EMC3DIteration:
-    """Results of one 3D EMC iteration.
-
-    Attributes
-    ----------
-    iteration : int
-    model, weights : ndarray, shape (S, S, S)
-        Intensity model (Dragonfly ``intens``) and merge weights (``inter_weight``).
-    orientation : ndarray of int, shape (D,)
-        Most likely rotation (row of the quaternion list; −1 for frames not used).
-    max_probability, entropy, scale, likelihood, mutual_info : ndarray, shape (D,)
-        Per frame (NaN for frames not used): the most likely rotation's probability, the
-        orientation entropy −Σ P log P (nats), the fluence scale φ_d, Σ_r P_dr (L_dr − Σ log K!)
-        and Σ_r P_dr log(P_dr / w_r) (nats), over P ≥ 1e-6.
-    probabilities : scipy.sparse.csr_matrix or None, shape (D, R)
-        Probabilities above 1e-6, when requested.
-    log_likelihood, mean_mutual_info, rms_change, beta_mean, rho, time_s : float
-        Means over used frames, the model's rms change, the mean β, the rescale ρ and the wall time (s).
-    """
-
-    iteration: int
-    model: np.ndarray
-    weights: np.ndarray
-    orientation: np.ndarray
-    max_probability: np.ndarray
-    entropy: np.ndarray
-    scale: np.ndarray
-    likelihood: np.ndarray
-    mutual_info: np.ndarray
-    probabilities: sp.csr_matrix | None
-    log_likelihood: float
-    mean_mutual_info: float
-    rms_change: float
-    beta_mean: float
-    rho: float
-    time_s: float
-
-    def to_dataset(self, quaternions: np.ndarray) -> xr.Dataset:
-        """This iteration as an xarray Dataset (model on (qx, qy, qz) voxels, per-frame results)."""
-        size = self.model.shape[0]
-        axis = np.arange(size) - size // 2
-        used = self.orientation >= 0
-        quat = np.full((self.orientation.size, 4), np.nan)
-        quat[used] = quaternions[self.orientation[used]]
-        return xr.Dataset(
-            {
-                "model": (("qx", "qy", "qz"), self.model),
-                "weights": (("qx", "qy", "qz"), self.weights),
-                "orientation": ("frame", self.orientation),
-                "quaternion": (("frame", "component"), quat),
-                "max_probability": ("frame", self.max_probability),
-                "entropy": ("frame", self.entropy),
-                "scale": ("frame", self.scale),
-                "likelihood": ("frame", self.likelihood),
-                "mutual_info": ("frame", self.mutual_info),
-            },
-            coords={"qx": axis, "qy": axis, "qz": axis, "component": ["w", "x", "y", "z"]},
-            attrs={
-                "iteration": self.iteration,
-                "log_likelihood": self.log_likelihood,
-                "mutual_info": self.mean_mutual_info,
-                "rms_change": self.rms_change,
-                "beta_mean": self.beta_mean,
-                "rho": self.rho,
-                "time_s": self.time_s,
-            },
-        )
-
-
-@dataclass
-class EMC3DResult:
-    """The iterations of a 3D EMC run with its orientation set; ``final`` is the last."""
-
-    iterations: list[EMC3DIteration] = field(default_factory=list)
-    quaternions: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
-    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    @property
-    def final(self) -> EMC3DIteration:
-        return self.iterations[-1]
-
-    def to_dataset(self) -> xr.Dataset:
-        """The final model and per-frame results, with the per-iteration log-likelihood, mutual
-        information, rms change, β, ρ and time on an ``iteration`` axis."""
-        ds = self.final.to_dataset(self.quaternions)
-        history = {
-            "log_likelihood": [it.log_likelihood for it in self.iterations],
-            "mean_mutual_info": [it.mean_mutual_info for it in self.iterations],
-            "rms_change": [it.rms_change for it in self.iterations],
-            "beta_mean": [it.beta_mean for it in self.iterations],
-            "rho": [it.rho for it in self.iterations],
-            "time_s": [it.time_s for it in self.iterations],
-        }
-        return ds.assign({k: ("iteration", np.array(v)) for k, v in history.items()}).assign_coords(
-            iteration=[it.iteration for it in self.iterations]
-        )
-
-    def write_dragonfly(self, directory: str) -> list[str]:
-        """Write each iteration as Dragonfly's ``output_NNN.h5`` in ``directory``; return the paths."""
-        from diffdask.io.dragonfly import write_emc_output
-
-        os.makedirs(directory, exist_ok=True)
-        paths = []
-        for it in self.iterations:
-            path = os.path.join(directory, f"output_{it.iteration:03d}.h5")
-            probs = None
-            if it.probabilities is not None:
-                p = it.probabilities
-                probs = ([p.indices[p.indptr[d] : p.indptr[d + 1]] for d in range(p.shape[0])],
-                         [p.data[p.indptr[d] : p.indptr[d + 1]] for d in range(p.shape[0])])
-            write_emc_output(path, it.model[None], inter_weight=it.weights[None], scale=it.scale,
-                             orientations=it.orientation, likelihood=it.likelihood, mutual_info=it.mutual_info,
-                             probabilities=probs, num_rot=self.quaternions.shape[0])
-            paths.append(path)
-        return paths
 
 
 def _orientations(quaternions: Any, point_group: str) -> tuple[np.ndarray, np.ndarray]:
@@ -438,8 +208,6 @@ class EMC3D:
         callback : callable, optional
             Called with each `EMC3DIteration` as it finishes.
         """
-        from diffdask.emc.checkpoint3d import Checkpoint
-
         total = check_int("iterations", iterations, minimum=1, maximum=100_000, what="iterations")
         seed = check_seed(seed)
         job = _Job(self, ds, blacklist)
@@ -450,17 +218,16 @@ class EMC3D:
         checkpoint = None
         if out is not None:
             checkpoint = Checkpoint(out, self.settings_token(), job.data_token)
-            if resume and checkpoint.exists():
-                done = checkpoint.load(result)
-                if done:
-                    last = result.final
-                    model, scales, first = last.model, last.scale, last.iteration + 1
-            elif checkpoint.exists():
+            existed = checkpoint.exists()
+            if existed and not resume:
                 raise StoreExistsError(
                     f"{out!r} already exists; pass resume=True to continue the run checkpointed there, "
                     "or choose a new path."
                 )
             checkpoint.create()
+            if existed and checkpoint.load(result):
+                last = result.final
+                model, scales, first = last.model, last.scale, last.iteration + 1
         end = int(start_iteration) + total - 1
         for it in range(first, end + 1):
             record = job.iterate(it, model, scales)
@@ -635,9 +402,3 @@ class _Job:
             log_likelihood=float(per["likelihood"].mean()), mean_mutual_info=float(per["mutual_info"].mean()),
             rms_change=rms, beta_mean=float(beta.mean()), rho=rho, time_s=time.perf_counter() - t0, **full,
         )
-
-
-def _transpose(counts: sp.csr_matrix) -> sp.csr_matrix:
-    return counts.T.tocsr()
-
-
